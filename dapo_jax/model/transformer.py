@@ -1,0 +1,246 @@
+"""A decoder-only transformer in Flax NNX covering Qwen2 / Qwen2.5, Llama 3 and Qwen3.
+
+Every parameter is created with logical axis names (`nnx.with_partitioning`); `dapo_jax.sharding.RULES`
+maps them to the mesh. Kernels are stored as [in, ..., out] so the forward pass is plain einsums; the
+Hugging Face layout ([out, in]) is translated on load and save (`hf_io.py`).
+
+The KV cache is laid out [B, KV, S, hd], one array per layer, updated in place with dynamic_update_slice:
+both choices were measured to decide decode speed on CPU (see the sampler).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dapo_jax.model.config import ModelConfig
+from dapo_jax.sharding import constrain
+
+_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
+  # Eager sharding is off: models are created inside jax.jit with out_shardings (see model.init_sharded),
+  # which never builds an unsharded copy, and logical names are not mesh axes.
+  return nnx.Param(nnx.with_partitioning(init, names, eager_sharding=False)(rngs.params(), shape, dtype))
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys and values, [B, KV, S, hd] each, and which of the S slots hold real tokens.
+
+  `index` is the next slot to write. Rows share it: prompts are left-padded so that every row's
+  sequence ends at the same slot.
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid_BxS: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return cls(k, v, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, param_dtype, *, rngs: nnx.Rngs):
+    self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+    self.eps = eps
+
+  def __call__(self, x):
+    # As Hugging Face: normalise in float32, cast back, then scale.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = self.scale[...].astype(x.dtype)
+    return y.astype(x.dtype) * scale.reshape((1,) * (x.ndim - 1) + scale.shape)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  hd = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  s = cfg.rope_scaling
+  if s is None:
+    return inv_freq
+  # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+  old = s.original_max_position_embeddings
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+  smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= old / s.high_freq_factor) & (wavelen <= old / s.low_freq_factor)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxH, cos_BxTxH2, sin_BxTxH2):
+  # Rotate-half convention (first half / second half), as the Hugging Face Qwen and Llama code.
+  h2 = x_BxTxNxH.shape[-1] // 2
+  x1, x2 = x_BxTxNxH[..., :h2], x_BxTxNxH[..., h2:]
+  cos = cos_BxTxH2[:, :, None, :].astype(x_BxTxNxH.dtype)
+  sin = sin_BxTxH2[:, :, None, :].astype(x_BxTxNxH.dtype)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, h, k, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.param_dtype)
+    self.cfg = cfg
+    self.q_kernel = _param(rngs, _INIT, (d, h, hd), ("embed", "q_heads", "head_dim"), pd)
+    self.k_kernel = _param(rngs, _INIT, (d, k, hd), ("embed", "kv_heads", "head_dim"), pd)
+    self.v_kernel = _param(rngs, _INIT, (d, k, hd), ("embed", "kv_heads", "head_dim"), pd)
+    self.o_kernel = _param(rngs, _INIT, (h, hd, d), ("q_heads", "head_dim", "embed"), pd)
+    if cfg.qkv_bias:
+      zeros = nnx.initializers.zeros
+      self.q_bias = _param(rngs, zeros, (h, hd), ("q_heads", "head_dim"), pd)
+      self.k_bias = _param(rngs, zeros, (k, hd), ("kv_heads", "head_dim"), pd)
+      self.v_bias = _param(rngs, zeros, (k, hd), ("kv_heads", "head_dim"), pd)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs)
+      self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs)
+
+  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, index=None):
+    """With `kv` = (k_BxKxSxH, v_BxKxSxH), the new keys/values are written at slot `index` and the
+    queries attend over the whole cache; returns (out_BxTxD, (k, v))."""
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    x = x_BxTxD.astype(dt)
+    q = jnp.einsum("btd,dnh->btnh", x, self.q_kernel[...].astype(dt))
+    k = jnp.einsum("btd,dkh->btkh", x, self.k_kernel[...].astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", x, self.v_kernel[...].astype(dt))
+    if cfg.qkv_bias:
+      q = q + self.q_bias[...].astype(dt)[None, None]
+      k = k + self.k_bias[...].astype(dt)[None, None]
+      v = v + self.v_bias[...].astype(dt)[None, None]
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    k_BxKxTxH = k.transpose(0, 2, 1, 3)
+    v_BxKxTxH = v.transpose(0, 2, 1, 3)
+    if kv is not None:
+      k_cache, v_cache = kv
+      k_BxKxTxH = jax.lax.dynamic_update_slice(k_cache, k_BxKxTxH.astype(k_cache.dtype), (0, 0, index, 0))
+      v_BxKxTxH = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxH.astype(v_cache.dtype), (0, 0, index, 0))
+    b, t = x.shape[:2]
+    kvh, g, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    q_BxKxGxTxH = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxTxH.astype(dt),
+                        preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxTxH.astype(dt)).reshape(b, t, cfg.num_heads, hd)
+    out_BxTxD = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt))
+    return out_BxTxD, (None if kv is None else (k_BxKxTxH, v_BxKxTxH))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f, pd = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.param_dtype)
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.gate_kernel = _param(rngs, _INIT, (d, f), ("embed", "mlp"), pd)
+    self.up_kernel = _param(rngs, _INIT, (d, f), ("embed", "mlp"), pd)
+    self.down_kernel = _param(rngs, _INIT, (f, d), ("mlp", "embed"), pd)
+
+  def __call__(self, x_BxTxD):
+    dt = self.dtype
+    x = x_BxTxD.astype(dt)
+    gate = jnp.einsum("btd,df->btf", x, self.gate_kernel[...].astype(dt))
+    up = jnp.einsum("btd,df->btf", x, self.up_kernel[...].astype(dt))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_kernel[...].astype(dt))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, index=None):
+    h, kv = self.attn(self.attn_norm(x_BxTxD), cos, sin, mask_BxTxS, kv, index)
+    x_BxTxD = x_BxTxD + h.astype(x_BxTxD.dtype)
+    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)).astype(x_BxTxD.dtype)
+    return constrain(x_BxTxD, ("batch", "length", "act_embed")), kv
+
+
+class Transformer(nnx.Module):
+  """`model(tokens_BxT)` -> float32 logits_BxTxV.
+
+  `positions_BxT` default to 0..T-1, or to the running count of real tokens when `attn_mask_BxT` marks
+  left padding. `forward_with_cache` is the incremental form used by the sampler.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embedding = _param(rngs, _INIT, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, _INIT, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+  def __call__(self, tokens_BxT, positions_BxT=None, attn_mask_BxT=None):
+    b, t = tokens_BxT.shape
+    if attn_mask_BxT is None:
+      attn_mask_BxT = jnp.ones((b, t), bool)
+    attn_mask_BxT = attn_mask_BxT.astype(bool)
+    if positions_BxT is None:
+      positions_BxT = default_positions(attn_mask_BxT)
+    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+    mask_BxTxS = causal_TxT[None] & attn_mask_BxT[:, None, :]
+    x, _ = self._body(tokens_BxT, positions_BxT, mask_BxTxS, None)
+    return self.logits(x)
+
+  def forward_with_cache(self, tokens_BxT, positions_BxT, cache: KVCache, attn_mask_BxT=None):
+    """Writes T new tokens at slot `cache.index`; they attend to every valid earlier slot and causally
+    among themselves. Returns (logits_BxTxV, updated cache)."""
+    b, t = tokens_BxT.shape
+    s = cache.valid_BxS.shape[1]
+    if attn_mask_BxT is None:
+      attn_mask_BxT = jnp.ones((b, t), bool)
+    valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, attn_mask_BxT.astype(bool), (0, cache.index))
+    q_slot_T = cache.index + jnp.arange(t)
+    causal_TxS = jnp.arange(s)[None, :] <= q_slot_T[:, None]
+    mask_BxTxS = causal_TxS[None] & valid_BxS[:, None, :]
+    x, kvs = self._body(tokens_BxT, positions_BxT, mask_BxTxS, (cache.k, cache.v, cache.index))
+    k, v = zip(*kvs)
+    return self.logits(x), KVCache(tuple(k), tuple(v), valid_BxS, cache.index + t)
+
+  def _body(self, tokens_BxT, positions_BxT, mask_BxTxS, kv):
+    cfg = self.cfg
+    x = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
+    x = constrain(x, ("batch", "length", "act_embed"))
+    angles_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)[None, None]
+    cos, sin = jnp.cos(angles_BxTxH2), jnp.sin(angles_BxTxH2)
+    new_kv = []
+    for i, layer in enumerate(self.layers):
+      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+      x, out_kv = layer(x, cos, sin, mask_BxTxS, layer_kv, None if kv is None else kv[2])
+      new_kv.append(out_kv)
+    return self.final_norm(x), new_kv
+
+  def logits(self, x_BxTxD):
+    dt = jnp.dtype(self.cfg.dtype)
+    if self.cfg.tie_word_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x_BxTxD.astype(dt), self.embedding[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum("btd,dv->btv", x_BxTxD.astype(dt), self.lm_head[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def default_positions(attn_mask_BxT):
+  """Position of each token among the real (unmasked) tokens of its row; left padding gets 0."""
+  return jnp.maximum(jnp.cumsum(attn_mask_BxT.astype(jnp.int32), axis=1) - 1, 0)

@@ -1,0 +1,102 @@
+"""The policy against transformers on the same random weights, and its own invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dapo_jax import model as M
+from dapo_jax import sharding
+from dapo_jax.testing import hf_logits, save_tiny_hf_model
+
+ONE_DEVICE = sharding.make_mesh(devices=jax.devices()[:1])
+
+
+def _tokens(b, t, vocab=128, seed=0):
+  return np.random.default_rng(seed).integers(0, vocab, (b, t)).astype(np.int32)
+
+
+@pytest.mark.parametrize("arch,tie,shards", [
+    ("qwen2", True, None), ("qwen2", False, None), ("qwen2", False, "40KB"),
+    ("llama", False, None), ("qwen3", True, None)])
+def test_logits_match_transformers(tmp_path, arch, tie, shards):
+  hf = save_tiny_hf_model(tmp_path, arch, tie=tie, max_shard_size=shards)
+  if shards:
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+  model, cfg = M.load_hf(tmp_path, dtype="float32")
+  assert cfg.architecture == arch and cfg.tie_word_embeddings == tie
+  tokens = _tokens(2, 100 if arch == "llama" else 12)  # llama: past the scaling's original context
+  ours = np.asarray(model(jnp.asarray(tokens)))
+  np.testing.assert_allclose(ours, hf_logits(hf, tokens), atol=1e-4, rtol=0)
+
+
+def test_left_padded_batch_matches_transformers(tmp_path):
+  hf = save_tiny_hf_model(tmp_path, "qwen2", tie=False)
+  model, _ = M.load_hf(tmp_path, mesh=ONE_DEVICE)
+  tokens = _tokens(3, 9, seed=1)
+  mask = np.ones((3, 9), np.int32)
+  mask[1, :4] = 0
+  mask[2, :7] = 0
+  positions = np.asarray(M.default_positions(jnp.asarray(mask)))
+  ours = np.asarray(model(jnp.asarray(tokens), attn_mask_BxT=jnp.asarray(mask)))
+  theirs = hf_logits(hf, tokens, attention_mask=mask, position_ids=positions)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
+  # And each padded row equals that prompt alone, unpadded.
+  for row in range(3):
+    alone = np.asarray(model(jnp.asarray(tokens[row:row + 1, real[row]])))[0]
+    np.testing.assert_allclose(ours[row][real[row]], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_cached_decoding_equals_full_forward(arch):
+  cfg = M.preset("tiny", architecture=arch)
+  model = M.init_sharded(cfg, ONE_DEVICE, seed=3)
+  tokens = jnp.asarray(_tokens(2, 10, cfg.vocab_size, seed=2))
+  mask = jnp.ones((2, 10), bool).at[0, :3].set(False)  # row 0 left-padded by 3
+  full = model(tokens, attn_mask_BxT=mask)
+  positions = M.default_positions(mask)
+  cache = M.KVCache.zeros(cfg, 2, 16)
+  prefill, cache = model.forward_with_cache(tokens[:, :6], positions[:, :6], cache, attn_mask_BxT=mask[:, :6])
+  steps = [prefill]
+  for t in range(6, 10):
+    logits, cache = model.forward_with_cache(tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+    steps.append(logits)
+  cached = jnp.concatenate(steps, axis=1)
+  real = np.asarray(mask)
+  np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=1e-5, rtol=0)
+  assert int(cache.index) == 10
+
+
+def test_parameter_count_and_presets():
+  # Published totals of the Qwen2.5 family (embeddings included, tied where the model ties them).
+  assert M.preset("qwen2.5-0.5b").num_params() == 494_032_768
+  assert M.preset("qwen2.5-1.5b").num_params() == 1_543_714_304
+  assert M.preset("qwen2.5-7b").num_params() == 7_615_616_512
+  assert M.preset("qwen2.5-32b").num_params() == 32_763_876_352
+  assert M.preset("qwen2.5-math-7b").rope_theta == 10000.0
+  for name in M.PRESETS:
+    cfg = M.preset(name)
+    _, abs_state = M.abstract_model(cfg)
+    assert sum(np.prod(x.shape) for x in jax.tree.leaves(abs_state)) == cfg.num_params(), name
+
+
+def test_bfloat16_params_and_compute(tmp_path):
+  hf = save_tiny_hf_model(tmp_path, "qwen2", tie=False)
+  model, cfg = M.load_hf(tmp_path, dtype="bfloat16", mesh=ONE_DEVICE)
+  assert cfg.param_dtype == cfg.dtype == "bfloat16"
+  assert {x.dtype for x in jax.tree.leaves(M.abstract_model(cfg)[1])} == {jnp.dtype(jnp.bfloat16)}
+  tokens = _tokens(2, 8)
+  logits = model(jnp.asarray(tokens))
+  assert logits.dtype == jnp.float32  # logits always come out in float32 for log-probabilities
+  ref = hf_logits(hf, tokens)
+  err = np.abs(np.asarray(logits) - ref).max()
+  assert err < 0.05 * np.abs(ref).max(), err
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_heads", 3), ("architecture", "gpt2"), ("dtype", "int8"), ("head_dim", 7)])
+def test_invalid_config_names_the_field(field, value):
+  with pytest.raises(M.ConfigError, match=field if field != "num_heads" else "num_heads"):
+    M.preset("tiny", **{field: value})
