@@ -196,24 +196,35 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", compute_dtype: s
   loaded = []
   with contextlib.ExitStack() as stack:
     handles = {f: stack.enter_context(_open(f)) for f in sorted(set(files[n] for n in expected))}
+    # Check every tensor before allocating anything, and report all mismatches at once.
+    problems = []
+    for path_parts, var in nnx.to_flat_state(abs_state):
+      lay = layouts[path_parts]
+      tensor = handles[files[lay.hf_name]].get_slice(lay.hf_name)
+      shape, hf_dtype = tuple(tensor.get_shape()), tensor.get_dtype()
+      if shape != lay.hf_shape:
+        problems.append(f"{files[lay.hf_name]}: tensor {lay.hf_name} has shape {list(shape)}, but {cfg_file} "
+                        f"implies {list(lay.hf_shape)}")
+      elif hf_dtype not in _NP_DTYPES:
+        problems.append(f"{files[lay.hf_name]}: tensor {lay.hf_name} has dtype {hf_dtype}; "
+                        f"supported: {sorted(_NP_DTYPES)}")
+    if problems:
+      more = f"\n(and {len(problems) - 5} more)" if len(problems) > 5 else ""
+      raise CheckpointError("\n".join(problems[:5]) + more)
+
     for path_parts, var in nnx.to_flat_state(abs_state):
       lay = layouts[path_parts]
       file = files[lay.hf_name]
       tensor = handles[file].get_slice(lay.hf_name)
-      shape, hf_dtype = tuple(tensor.get_shape()), tensor.get_dtype()
-      if shape != lay.hf_shape:
-        raise CheckpointError(f"{file}: tensor {lay.hf_name} has shape {list(shape)}, but {cfg_file} implies "
-                              f"{list(lay.hf_shape)}")
-      if hf_dtype not in _NP_DTYPES:
-        raise CheckpointError(f"{file}: tensor {lay.hf_name} has dtype {hf_dtype}; supported: {sorted(_NP_DTYPES)}")
-      target = np.dtype(var.dtype)
       cache: dict[Any, np.ndarray] = {}
 
-      def read(index, lay=lay, tensor=tensor, target=target, cache=cache, file=file, shape=var.shape):
+      def read(index, lay=lay, tensor=tensor, target=np.dtype(var.dtype), cache=cache, file=file,
+               shape=var.shape):
+        # Devices holding the same shard (replication) read it once.
         key = tuple(s.indices(n) for s, n in zip(index, shape))
         if key not in cache:
           try:
-            cache[key] = np.ascontiguousarray(lay.read(tensor, tuple(index) or (slice(None),)).astype(target))
+            cache[key] = np.ascontiguousarray(lay.read(tensor, tuple(index)).astype(target))
           except SafetensorError as e:
             raise CheckpointError(f"{file}: reading {lay.hf_name} failed (truncated file?): {e}") from None
         return cache[key]

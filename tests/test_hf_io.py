@@ -1,0 +1,145 @@
+"""Hugging Face checkpoints: what we write transformers reads back exactly; bad checkpoints fail loudly."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dapo_jax import model as M
+from dapo_jax import sharding
+from dapo_jax.testing import hf_logits, save_tiny_hf_model
+
+ONE = sharding.make_mesh(devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("arch,tie,shard_bytes", [("qwen2", True, 2**40), ("qwen2", False, 60_000),
+                                                 ("llama", False, 2**40), ("qwen3", False, 2**40)])
+def test_saved_checkpoint_loads_in_transformers_with_same_logits(tmp_path, arch, tie, shard_bytes):
+  import transformers
+  cfg = M.preset("tiny", architecture=arch, tie_word_embeddings=tie,
+                 rope_scaling=M.RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                            original_max_position_embeddings=64) if arch == "llama" else None)
+  model = M.init_sharded(cfg, sharding.make_mesh({"fsdp": 4, "tensor": 2}), seed=1)
+  M.save_hf(model, tmp_path, max_shard_bytes=shard_bytes)
+  if shard_bytes < 2**40:
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").float()
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 70)).astype(np.int32)
+  np.testing.assert_allclose(hf_logits(hf, tokens), np.asarray(model(jnp.asarray(tokens))), atol=1e-4, rtol=0)
+  again, cfg2 = M.load_hf(tmp_path, mesh=ONE)
+  assert cfg2 == cfg
+  np.testing.assert_allclose(np.asarray(again(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens))),
+                             atol=1e-5, rtol=0)  # one device vs a 4x2 mesh: summation order differs
+
+
+def test_bfloat16_save(tmp_path):
+  model = M.init_sharded(M.preset("tiny"), ONE)
+  M.save_hf(model, tmp_path, dtype="bfloat16")
+  assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  back, _ = M.load_hf(tmp_path, dtype="float32", mesh=ONE)
+  a = np.asarray(model.embedding.get_value())
+  np.testing.assert_allclose(np.asarray(back.embedding.get_value()), a, rtol=1e-2, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+  path = tmp_path_factory.mktemp("good")
+  save_tiny_hf_model(path, "qwen2", tie=False, max_shard_size="40KB")
+  return path
+
+
+def _copy(src, dst):
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_missing_directory_and_config(tmp_path):
+  with pytest.raises(M.CheckpointError, match="not a checkpoint directory"):
+    M.load_hf(tmp_path / "nope")
+  with pytest.raises(M.CheckpointError, match="config.json: missing"):
+    M.load_hf(tmp_path)
+
+
+def test_malformed_config_names_file_and_line(good_checkpoint, tmp_path):
+  path = _copy(good_checkpoint, tmp_path / "c")
+  (path / "config.json").write_text('{\n  "model_type": "qwen2",\n  oops\n}')
+  with pytest.raises(M.CheckpointError, match=r"config.json: not valid JSON \(line 3"):
+    M.load_hf(path)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model_type", "gpt2", "field 'model_type' = 'gpt2' is not supported"),
+    ("hidden_act", "gelu", "field 'hidden_act' = 'gelu' is not supported"),
+    ("use_sliding_window", True, "field 'use_sliding_window'"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "rope type 'yarn'"),
+    ("num_attention_heads", 3, "num_heads=3 is not a multiple"),
+])
+def test_unsupported_config_field_is_named(good_checkpoint, tmp_path, field, value, match):
+  path = _copy(good_checkpoint, tmp_path / "c")
+  hf = json.loads((path / "config.json").read_text())
+  hf[field] = value
+  (path / "config.json").write_text(json.dumps(hf))
+  with pytest.raises(M.CheckpointError, match=match) as e:
+    M.load_hf(path)
+  assert "config.json" in str(e.value)
+
+
+def test_missing_tensor_is_named(good_checkpoint, tmp_path):
+  path = _copy(good_checkpoint, tmp_path / "c")
+  index = json.loads((path / "model.safetensors.index.json").read_text())
+  del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+  (path / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(M.CheckpointError, match=r"missing 1 tensor\(s\).*model.layers.1.mlp.up_proj.weight"):
+    M.load_hf(path)
+
+
+def test_missing_shard_file_is_named(good_checkpoint, tmp_path):
+  path = _copy(good_checkpoint, tmp_path / "c")
+  victim = sorted(path.glob("model-*.safetensors"))[1]
+  victim.unlink()
+  with pytest.raises(M.CheckpointError, match=f"lists shard {victim.name}, which is missing"):
+    M.load_hf(path)
+
+
+def test_wrong_shape_is_named(good_checkpoint, tmp_path):
+  path = _copy(good_checkpoint, tmp_path / "c")
+  hf = json.loads((path / "config.json").read_text())
+  hf["intermediate_size"] = 100
+  (path / "config.json").write_text(json.dumps(hf))
+  with pytest.raises(M.CheckpointError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \[96, 64\], "
+                                              r"but .*config.json implies \[100, 64\]") as e:
+    M.load_hf(path)
+  assert "model.layers.1.mlp.down_proj.weight has shape [64, 96]" in str(e.value)
+  assert "(and 1 more)" in str(e.value)  # 6 mismatched tensors: 5 listed
+
+
+def test_truncated_shard_is_detected(good_checkpoint, tmp_path):
+  path = _copy(good_checkpoint, tmp_path / "c")
+  victim = sorted(path.glob("model-*.safetensors"))[0]
+  data = victim.read_bytes()
+  victim.write_bytes(data[: len(data) // 2])
+  with pytest.raises(M.CheckpointError, match=victim.name):
+    M.load_hf(path)
+
+
+def test_extra_tensor_is_refused(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  save_tiny_hf_model(tmp_path, "qwen2", tie=False)
+  tensors = load_file(str(tmp_path / "model.safetensors"))
+  tensors["model.layers.2.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"]
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  with pytest.raises(M.CheckpointError, match="does not use, e.g. \\['model.layers.2.mlp.up_proj.weight'\\]"):
+    M.load_hf(tmp_path)
+
+
+def test_pickle_checkpoint_is_refused_with_conversion_advice(good_checkpoint, tmp_path):
+  path = tmp_path / "c"
+  path.mkdir()
+  shutil.copy(good_checkpoint / "config.json", path / "config.json")
+  (path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+  with pytest.raises(M.CheckpointError, match="pickle checkpoint.*safe_serialization=True"):
+    M.load_hf(path)
