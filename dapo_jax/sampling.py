@@ -1,0 +1,207 @@
+"""The sampler: one prefill, then decoding inside a single `jax.lax.while_loop` over a preallocated KV cache.
+
+    out = generate(model, prompts, SamplingParams(temperature=1.0, top_p=0.7, max_new_tokens=256,
+                                                  stop_ids=tok.stop_ids), rng, num_samples=16)
+
+Grouped rollouts: each prompt is prefilled once and its cache copied to its G rows. Prompt lengths and token
+budgets are rounded up to buckets, so an RL run compiles a handful of programs (`compiled_programs()`).
+
+Log-probabilities: `logprobs_BxN` holds each sampled token's log-probability under the policy at the sampling
+temperature, `log_softmax(logits / T)`, computed before top-k/top-p truncation: the distribution the policy
+defines, which is what the training step recomputes. With greedy decoding (T=0) it is `log_softmax(logits)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dapo_jax.model.transformer import KVCache, Transformer, default_positions
+from dapo_jax.sharding import constrain
+
+PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+BUDGET_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 20480, 32768)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+  """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1.0 are off."""
+  max_new_tokens: int
+  stop_ids: tuple[int, ...] = ()
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  pad_id: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, "stop_ids", tuple(int(s) for s in self.stop_ids))
+    if self.max_new_tokens <= 0:
+      raise ValueError(f"SamplingParams.max_new_tokens must be positive, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+class Rollout(NamedTuple):
+  """G rows per prompt, prompt-major (rows i*G .. i*G+G-1 answer prompt i). Response positions after the
+  stop token hold pad_id, logprob 0 and mask False; `lengths_B` counts the stop token."""
+  prompt_BxP: jax.Array
+  prompt_mask_BxP: jax.Array
+  tokens_BxN: jax.Array
+  logprobs_BxN: jax.Array
+  mask_BxN: jax.Array
+  lengths_B: jax.Array
+  truncated_B: jax.Array
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if n <= b:
+      return b
+  return n
+
+
+def _filter_logits(logits_BxV, params: SamplingParams):
+  neg = jnp.finfo(logits_BxV.dtype).min
+  if params.top_k:
+    kth_B = jax.lax.top_k(logits_BxV, params.top_k)[0][:, -1]
+    logits_BxV = jnp.where(logits_BxV < kth_B[:, None], neg, logits_BxV)
+  if params.top_p < 1.0:
+    sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (at least one token).
+    keep_B = jnp.sum((jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < params.top_p, axis=-1)
+    threshold_B = jnp.take_along_axis(sorted_BxV, (keep_B - 1)[:, None], axis=-1)[:, 0]
+    logits_BxV = jnp.where(logits_BxV < threshold_B[:, None], neg, logits_BxV)
+  return logits_BxV
+
+
+def sample_token(logits_BxV, rng, params: SamplingParams):
+  """(token_B, logprob_B): the pick and its log-probability under log_softmax(logits / T)."""
+  if params.greedy:
+    token_B = jnp.argmax(logits_BxV, axis=-1)
+    logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+  else:
+    scaled_BxV = logits_BxV / params.temperature
+    logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
+    token_B = jax.random.categorical(rng, _filter_logits(scaled_BxV, params), axis=-1)
+  token_B = token_B.astype(jnp.int32)
+  return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
+
+
+def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, *,
+                   params: SamplingParams, num_samples: int, budget: int) -> Rollout:
+  model: Transformer = nnx.merge(graphdef, state)
+  cfg = model.cfg
+  b, p = prompt_BxP.shape
+  g = num_samples
+  prompt_mask_BxP = prompt_mask_BxP.astype(bool)
+  positions_BxP = default_positions(prompt_mask_BxP)
+
+  cache = KVCache.zeros(cfg, b, p + budget)
+  logits_BxPxV, cache = model.forward_with_cache(prompt_BxP, positions_BxP, cache, attn_mask_BxT=prompt_mask_BxP)
+  last_logits_BxV = logits_BxPxV[:, -1]
+
+  # Fan each prompt's prefilled cache out to its G rows: the prompt is computed once, not G times.
+  def fan(x):
+    return constrain(jnp.repeat(x, g, axis=0), ("batch",) + (None,) * (x.ndim - 1))
+
+  cache = KVCache(tuple(fan(k) for k in cache.k), tuple(fan(v) for v in cache.v), fan(cache.valid_BxS),
+                  cache.index)
+  logits_BxV = fan(last_logits_BxV)
+  next_pos_B = fan(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32))
+  bg = b * g
+  stop_S = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
+
+  def cond(carry):
+    step, _, _, done_B, _, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    step, tokens_BxN, logps_BxN, done_B, cache, logits_BxV = carry
+    token_B, logp_B = sample_token(logits_BxV, jax.random.fold_in(rng, step), params)
+    token_B = jnp.where(done_B, params.pad_id, token_B)
+    logp_B = jnp.where(done_B, 0.0, logp_B)
+    tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, token_B[:, None], (0, step))
+    logps_BxN = jax.lax.dynamic_update_slice(logps_BxN, logp_B[:, None], (0, step))
+    done_B = done_B | jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
+    logits_Bx1xV, cache = model.forward_with_cache(token_B[:, None], (next_pos_B + step)[:, None], cache)
+    return step + 1, tokens_BxN, logps_BxN, done_B, cache, logits_Bx1xV[:, 0]
+
+  init = (jnp.zeros((), jnp.int32), jnp.full((bg, budget), params.pad_id, jnp.int32),
+          jnp.zeros((bg, budget), jnp.float32), jnp.zeros((bg,), bool), cache, logits_BxV)
+  steps, tokens_BxN, logps_BxN, _, _, _ = jax.lax.while_loop(cond, body, init)
+
+  is_stop_BxN = jnp.any(tokens_BxN[..., None] == stop_S[None, None, :], axis=-1)
+  in_range_N = jnp.arange(budget) < steps
+  # A row's response ends at its first stop token (included) or at the budget.
+  stopped_before_BxN = jnp.cumsum(is_stop_BxN & in_range_N[None], axis=1) - (is_stop_BxN & in_range_N[None])
+  mask_BxN = (stopped_before_BxN == 0) & in_range_N[None]
+  lengths_B = jnp.sum(mask_BxN, axis=1).astype(jnp.int32)
+  truncated_B = ~jnp.any(is_stop_BxN & mask_BxN, axis=1)
+  return Rollout(fan(prompt_BxP), fan(prompt_mask_BxP), tokens_BxN, logps_BxN * mask_BxN, mask_BxN, lengths_B,
+                 truncated_B)
+
+
+_generate = jax.jit(_generate_impl, static_argnames=("graphdef", "params", "num_samples", "budget"))
+
+
+def compiled_programs() -> int:
+  """How many sampler programs have been compiled in this process."""
+  return _generate._cache_size()
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists to a common bucketed length: (prompt_BxP int32, mask_BxP bool)."""
+  longest = max(len(p) for p in prompts)
+  if any(len(p) == 0 for p in prompts):
+    raise ValueError("pad_prompts: empty prompt (a prompt needs at least one token)")
+  length = length or bucket(longest, PROMPT_BUCKETS)
+  if longest > length:
+    raise ValueError(f"pad_prompts: a prompt has {longest} tokens, more than the length {length}")
+  out = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), bool)
+  for i, p in enumerate(prompts):
+    out[i, length - len(p):] = p
+    mask[i, length - len(p):] = True
+  return out, mask
+
+
+def generate(model: Transformer | tuple, prompts, params: SamplingParams, rng: jax.Array, *,
+             num_samples: int = 1, prompt_mask=None) -> Rollout:
+  """Samples `num_samples` responses for each prompt.
+
+  `prompts` is a list of token lists (left-padded to a bucket here) or an already left-padded int32
+  [B, P] array with `prompt_mask`. `model` is a Transformer or its `nnx.split` pair (graphdef, state); call
+  inside `jax.set_mesh(mesh)` to run sharded.
+  """
+  if isinstance(model, Transformer):
+    graphdef, state = nnx.split(model)
+  else:
+    graphdef, state = model
+    model = nnx.merge(graphdef, state)
+  if prompt_mask is None:
+    prompts, prompt_mask = pad_prompts(prompts, params.pad_id)
+  budget = bucket(params.max_new_tokens, BUDGET_BUCKETS)
+  longest = int(np.max(np.sum(np.asarray(prompt_mask), axis=1)))
+  if longest + params.max_new_tokens > model.cfg.max_position_embeddings:
+    raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
+                     f"model's max_position_embeddings {model.cfg.max_position_embeddings}")
+  # The token budget is a traced argument: every max_new_tokens in a bucket shares one program.
+  bucketed = dataclasses.replace(params, max_new_tokens=budget)
+  return _generate(graphdef, state, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, bool), rng,
+                   jnp.asarray(params.max_new_tokens, jnp.int32), params=bucketed, num_samples=num_samples,
+                   budget=budget)
