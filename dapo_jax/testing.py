@@ -52,8 +52,8 @@ def hf_logits(model, tokens, attention_mask=None, position_ids=None):
   import torch
 
   with torch.no_grad():
-    out = model(input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long),
-                attention_mask=None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)),
-                position_ids=None if position_ids is None else torch.as_tensor(np.asarray(position_ids),
+    out = model(input_ids=torch.tensor(np.array(tokens), dtype=torch.long),
+                attention_mask=None if attention_mask is None else torch.tensor(np.array(attention_mask)),
+                position_ids=None if position_ids is None else torch.tensor(np.array(position_ids),
                                                                               dtype=torch.long))
   return out.logits.float().numpy()
