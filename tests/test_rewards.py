@@ -1,0 +1,170 @@
+"""The math_dapo reward against a golden table (the reference's behaviour), parallel scoring with time limits,
+and overlong shaping in tokens."""
+
+import time
+
+import numpy as np
+import pytest
+
+from dapo_jax import rewards
+from dapo_jax.rewards import OverlongShaping, RewardExecutor, overlong_penalty
+from dapo_jax.rewards.math_dapo import compute_score, normalize_final_answer
+
+# (response, ground truth, acc, pred). The first rows are the reference's published behaviour.
+GOLDEN = [
+    ("Answer: 540", "540", True, "540"),
+    ("Answer: 540.", "540", False, "540."),
+    ("Answer: $540$", "540", True, "540"),
+    ("Answer: $540$.", "540", True, "540"),
+    ("Answer: \\boxed{540}", "540", True, "540"),
+    ("Answer: \\boxed{540}.", "540", False, "540."),
+    ("answer:540", "540", True, "540"),
+    ("ANSWER : 540 ", "540", True, "540"),
+    ("Answer: 5,400", "5400", True, "5400"),
+    ("Answer: x = 540", "540", True, "540"),
+    ("Answer: 540 degrees", "540", True, "540"),
+    ("Answer: 540 ways", "540", True, "540"),
+    ("Answer: 540 \\text{ cm}", "540", True, "540"),
+    ("Answer: 54 0", "540", True, "540"),
+    ("Answer: The answer is $540$", "540", True, "540"),
+    ("Final Answer: The final answer is 540", "540", False, "Thefinalansweris540"),
+    ("The answer is 540", "540", False, "[INVALID]"),
+    ("Answer: **540**", "540", False, "**540**"),
+    ("Answer: \\(540\\)", "540", False, "\\(540\\)"),
+    ("Answer: 0540", "540", False, "0540"),
+    ("Answer: 540\n\nAnswer: 12", "12", True, "12"),
+    ("Answer: 540\n" + "x" * 300, "540", False, "[INVALID]"),
+    ("Answer: \\frac12", "\\frac{1}{2}", True, "\\frac{1}{2}"),
+    ("Answer: \\sqrt2", "\\sqrt{2}", True, "\\sqrt{2}"),
+    # Further cases, each worked through the normaliser by hand.
+    ("Answer: $\\frac{3}{4}$", "\\frac{3}{4}", True, "\\frac{3}{4}"),
+    ("Answer: 1,234,567", "1234567", True, "1234567"),
+    ("Answer: 3.5", "3.5", True, "3.5"),
+    ("Answer: -7", "-7", True, "-7"),
+    ("Answer: 12 dollars", "12", True, "12"),
+    ("Answer: 90^\\circ", "90", True, "90"),
+    ("Answer: 90^{\\circ}", "90", True, "90"),
+    ("Answer: \\text{(A)}", "(A)", True, "(A)"),
+    ("Answer: 7 \\text{ units}", "7", True, "7"),
+    ("Answer: 42\nThat is all.", "42", True, "42"),
+    ("So the answer : 17", "17", True, "17"),
+    ("Answer: 10 hours", "10", True, "10"),
+    ("Answer: 5\\%", "5", False, "5\\%"),
+    ("Answer: \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", True, "\\frac{1}{2}"),
+    ("", "1", False, "[INVALID]"),
+    ("Answer:", "1", False, "[INVALID]"),
+    ("Answer:\n42", "42", True, "42"),  # \s* crosses the newline
+    ("Answer: 1000", "1,000", True, "1000"),  # the ground truth is normalised too
+    ("Answer: x=5, y=6", "6", True, "6"),  # only the text after the last '=' counts
+    ("Answer: a 5", "5", True, "5"),
+    ("Answer: 1/2", "\\frac{1}{2}", False, "1/2"),
+    ("Answer: \\dfrac{1}{2}", "\\frac{1}{2}", False, "\\dfrac{1}{2}"),
+    ("Answer: 4 inches", "4", True, "4"),
+    ("Answer: \\$18.90", "18.90", True, "18.90"),
+    ("Answer: 204", 204, True, "204"),  # an integer ground truth (the AIME parquet stores strings, users may not)
+    ("We get 3.\nAnswer: 3\n", "3", True, "3"),
+]
+
+
+@pytest.mark.parametrize("response,truth,acc,pred", GOLDEN)
+def test_math_dapo_golden(response, truth, acc, pred):
+  out = compute_score(response, truth)
+  assert (out["acc"], out["pred"]) == (acc, pred)
+  assert out["score"] == (1.0 if acc else -1.0)
+
+
+def test_golden_table_is_large_enough():
+  assert len(GOLDEN) >= 40
+
+
+def test_only_the_last_300_characters_count():
+  tail = "Answer: 540"
+  assert compute_score("y" * (300 - len(tail)) + tail, "540")["acc"]
+  assert compute_score("Answer: 540" + "z" * 290, "540")["pred"] == "[INVALID]"
+
+
+def test_strict_box_mode():
+  assert compute_score("so \\boxed{540}", "540", strict_box_verify=True)["acc"]
+  assert not compute_score("so \\boxed{540.}", "540", strict_box_verify=True)["acc"]
+  assert compute_score("no box", "540", strict_box_verify=True)["pred"] == "[INVALID]"
+
+
+def test_normalizer_pieces():
+  assert normalize_final_answer("\\frac12") == "\\frac{1}{2}"
+  assert normalize_final_answer("\\sqrt2") == "\\sqrt{2}"
+  assert normalize_final_answer("\\textbf{7}") == "7"
+  assert normalize_final_answer("\\overline{12}") == "12"
+
+
+def test_registry_and_custom_rewards():
+  assert "math_dapo" in rewards.names()
+  assert rewards.get("math_dapo") is compute_score
+  assert rewards.get("dapo_jax.rewards.math_dapo:compute_score") is compute_score
+  with pytest.raises(KeyError, match="unknown reward 'nope'"):
+    rewards.get("nope")
+  with pytest.raises(ValueError, match="already registered"):
+    rewards.register("math_dapo")(lambda s, g: {})
+
+
+def slow_reward(solution_str, ground_truth, **extra):
+  """A reward that hangs on one input, as a pathological string could."""
+  if solution_str == "hang":
+    time.sleep(60)
+  return compute_score(solution_str, ground_truth)
+
+
+def test_executor_matches_serial_and_keeps_order():
+  responses = [r for r, *_ in GOLDEN] * 3
+  truths = [t for _, t, *_ in GOLDEN] * 3
+  with RewardExecutor("math_dapo", workers=2, timeout_s=5.0, chunk_size=7) as ex:
+    parallel = ex.score(responses, truths)
+  assert parallel == [compute_score(r, t) for r, t in zip(responses, truths)]
+
+
+def test_executor_times_out_a_hanging_item_only():
+  responses = ["Answer: 1", "hang", "Answer: 3", "Answer: 4"]
+  with RewardExecutor("tests.test_rewards:slow_reward", workers=2, timeout_s=0.5, chunk_size=2) as ex:
+    t = time.monotonic()
+    out = ex.score(responses, ["1", "2", "3", "5"])
+    assert time.monotonic() - t < 20
+  assert [o["acc"] for o in out] == [True, False, True, False]
+  assert out[1]["pred"] == "[TIMEOUT]" and ex.timeouts == 1
+  assert out[3]["pred"] == "4"
+
+
+def deaf_reward(solution_str, ground_truth, **extra):
+  """Hangs with SIGALRM blocked, as C code that never returns to the interpreter would."""
+  import signal
+  if solution_str == "evil":
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+    time.sleep(60)
+  return compute_score(solution_str, ground_truth)
+
+
+def test_watchdog_kills_a_worker_that_ignores_its_alarm():
+  with RewardExecutor("tests.test_rewards:deaf_reward", workers=2, timeout_s=0.2, chunk_size=2,
+                      watchdog_slack_s=3.0) as ex:
+    out = ex.score(["Answer: 1", "evil", "Answer: 3"], ["1", "2", "3"])
+  assert [o["pred"] for o in out] == ["1", "[TIMEOUT]", "3"]
+
+
+def test_executor_in_process_mode_and_errors():
+  ex = RewardExecutor("math_dapo", workers=0)
+  assert ex.score(["Answer: 2"], ["2"])[0]["acc"]
+  with pytest.raises(ValueError, match="2 solutions but 1 ground truths"):
+    ex.score(["a", "b"], ["1"])
+  with pytest.raises(KeyError):
+    RewardExecutor("no_such_reward")
+
+
+def test_overlong_penalty_reference_vectors():
+  got = overlong_penalty([16384, 16385, 18432, 20480, 100], max_len=20480, buffer=4096, factor=1.0)
+  np.testing.assert_allclose(got, [0.0, -1 / 4096, -0.5, -1.0, 0.0], atol=1e-12)
+  shaping = OverlongShaping(max_len=20480, buffer=4096, factor=0.5)
+  np.testing.assert_allclose(shaping.penalty([20480]), [-0.5])
+  np.testing.assert_array_equal(OverlongShaping(max_len=100, buffer=10, enable=False).penalty([100]), [0.0])
+  np.testing.assert_array_equal(OverlongShaping(max_len=100, buffer=10, filter=True).loss_mask([True, False]),
+                                [0.0, 1.0])
+  np.testing.assert_array_equal(OverlongShaping(max_len=100, buffer=10).loss_mask([True, False]), [1.0, 1.0])
+  with pytest.raises(ValueError, match="overlong buffer"):
+    OverlongShaping(max_len=100, buffer=100)
