@@ -1,0 +1,272 @@
+"""The DAPO update: one pure jitted step `(state, batch) -> (state, metrics)` over the mesh.
+
+A rollout batch arrives split into mini-batches (one AdamW update each; the paper: 512 prompts x 16 responses
+in 16 mini-batches) and micro-batches (gradient accumulation for memory), laid out [M, m, b, ...] with the
+b axis sharded over the data axes. Inside one jit: a scan over mini-batches, and in each a scan over
+micro-batches whose losses are normalised by the *mini-batch* totals, so the accumulated gradient is the
+mini-batch gradient however it is split, and on however many devices (`loss.py`).
+
+Optimizer as the reference: AdamW (betas 0.9/0.999, eps 1e-8, weight decay on every parameter), learning
+rate `lr * t / warmup` (then `lr`) for rollout step t = 0, 1, ... (so the first step trains with lr 0, as
+verl's constant-with-warmup schedule), global-norm clipping, and an update whose gradient norm is not finite
+is skipped and counted. No KL term unless `kl_coef > 0` (then a frozen reference model's log-probs are needed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dapo_jax import loss as loss_lib
+from dapo_jax import sharding
+from dapo_jax.model.transformer import Transformer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UpdateConfig:
+  lr: float = 1e-6
+  warmup_steps: int = 10
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: float = 1.0
+  clip_low: float = 0.2
+  clip_high: float = 0.28
+  clip_c: float = 10.0
+  loss_agg: str = "token-mean"
+  norm_len: int = 0  # seq-mean-token-sum-norm's constant; 0: the response width
+  temperature: float = 1.0  # the sampling temperature: log-probs come from logits / T
+  num_mini_batches: int = 1
+  num_micro_batches: int = 1
+  kl_coef: float = 0.0  # > 0: low-variance KL to a frozen reference model (GRPO baselines; DAPO uses 0)
+  entropy_coef: float = 0.0
+
+  def __post_init__(self):
+    if self.loss_agg not in loss_lib.AGG_MODES:
+      raise ValueError(f"update.loss_agg={self.loss_agg!r} is not one of {loss_lib.AGG_MODES}")
+    if not 0.0 <= self.clip_low < 1.0:
+      raise ValueError(f"update.clip_low={self.clip_low} must be in [0, 1)")
+    if self.clip_high < 0.0:
+      raise ValueError(f"update.clip_high={self.clip_high} must be >= 0")
+    if self.clip_c <= 1.0:
+      raise ValueError(f"update.clip_c={self.clip_c} must be > 1")
+    for name in ("num_mini_batches", "num_micro_batches"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"update.{name} must be positive, got {getattr(self, name)}")
+    if self.lr < 0 or self.warmup_steps < 0 or self.grad_clip <= 0 or self.temperature <= 0:
+      raise ValueError(f"update: need lr >= 0, warmup_steps >= 0, grad_clip > 0, temperature > 0; got {self}")
+
+
+class Batch(NamedTuple):
+  """A rollout batch for the update, rows prompt-major. `mask_BxN` is the loss mask: the response tokens,
+  with overlong-filtered rows zeroed."""
+  prompt_BxP: Any
+  prompt_mask_BxP: Any
+  tokens_BxN: Any
+  mask_BxN: Any
+  old_logp_BxN: Any
+  adv_B: Any
+  ref_logp_BxN: Any = None
+
+
+def lr_at(cfg: UpdateConfig, step) -> jax.Array:
+  """transformers' constant schedule with warmup, stepped once per rollout step: step/warmup, then 1."""
+  return cfg.lr * jnp.where(step < cfg.warmup_steps, step / max(1, cfg.warmup_steps), 1.0)
+
+
+def _base_tx(cfg: UpdateConfig) -> optax.GradientTransformation:
+  # AdamW with the learning rate applied outside, so the schedule can follow rollout steps.
+  return optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+                     optax.add_decayed_weights(cfg.weight_decay))
+
+
+def sequence_logprobs(model: Transformer, prompt_BxP, prompt_mask_BxP, tokens_BxN, resp_mask_BxN,
+                      temperature: float, with_logits: bool = False):
+  """log p(token) of each response token under log_softmax(logits / T), teacher-forced; (logp_BxN, logits)."""
+  p = prompt_BxP.shape[1]
+  full = jnp.concatenate([prompt_BxP, tokens_BxN], axis=1)
+  mask = jnp.concatenate([prompt_mask_BxP.astype(bool), resp_mask_BxN.astype(bool)], axis=1)
+  logits_BxNxV = model(full, attn_mask_BxT=mask)[:, p - 1:-1] / temperature
+  logp_BxN = jnp.take_along_axis(jax.nn.log_softmax(logits_BxNxV, axis=-1), tokens_BxN[..., None], axis=-1)[..., 0]
+  return logp_BxN, (logits_BxNxV if with_logits else None)
+
+
+class TrainState(NamedTuple):
+  params: Any  # nnx.State of the policy's Params
+  opt: Any
+  step: jax.Array  # rollout steps done
+  updates: jax.Array  # optimizer updates applied
+  skipped: jax.Array  # updates skipped for a non-finite gradient norm
+
+
+def _opt_shardings(abs_opt, abs_params, param_shardings, mesh):
+  """Optimizer leaves that mirror a parameter (Adam's mu, nu) take its sharding; the rest are replicated."""
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abs_params)[0]:
+    by_path[tuple(path)] = leaf.shape
+  shard_by_path = {tuple(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def pick(path, leaf):
+    path = tuple(path)
+    for start in range(len(path)):
+      tail = path[start:]
+      if tail in by_path and by_path[tail] == leaf.shape:
+        return shard_by_path[tail]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, abs_opt)
+
+
+class Trainer:
+  """Holds the jitted functions for one (model config, update config, mesh).
+
+      trainer = Trainer(model, update_cfg, mesh)        # model: a sharded Transformer
+      state = trainer.init_state(model)
+      state, metrics = trainer.update(state, trainer.shard_batch(batch))
+  """
+
+  def __init__(self, model: Transformer, cfg: UpdateConfig, mesh: Mesh):
+    self.cfg, self.mesh = cfg, mesh
+    self.graphdef, params = nnx.split(model)
+    abs_params = jax.eval_shape(lambda x: x, params)
+    self.model_cfg = model.cfg
+    self.param_shardings = sharding.state_shardings(abs_params, mesh)
+    abs_opt = jax.eval_shape(_base_tx(cfg).init, abs_params)
+    replicated = NamedSharding(mesh, P())
+    self.state_shardings = TrainState(self.param_shardings,
+                                      _opt_shardings(abs_opt, abs_params, self.param_shardings, mesh),
+                                      replicated, replicated, replicated)
+    self._init = jax.jit(self._init_impl, out_shardings=self.state_shardings)
+    self.update = jax.jit(self._update_impl, in_shardings=(self.state_shardings, None),
+                          out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    self.logprobs = jax.jit(self._logprobs_impl)
+
+  # --- state ---
+
+  def _init_impl(self, params):
+    return TrainState(params, _base_tx(self.cfg).init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                      jnp.zeros((), jnp.int32))
+
+  def init_state(self, model: Transformer) -> TrainState:
+    return self._init(nnx.state(model))
+
+  def model(self, state: TrainState) -> Transformer:
+    return nnx.merge(self.graphdef, state.params)
+
+  # --- batches ---
+
+  def shard_batch(self, batch: Batch) -> Batch:
+    """Host arrays [B, ...] -> device arrays [M, m, b, ...]: consecutive rows form a mini-batch, each
+    micro-batch spread over the data axes."""
+    cfg = self.cfg
+    b_total = np.asarray(batch.adv_B).shape[0]
+    split = cfg.num_mini_batches * cfg.num_micro_batches
+    if b_total % split:
+      raise ValueError(f"update: batch of {b_total} rows does not split into {cfg.num_mini_batches} mini-batches "
+                       f"x {cfg.num_micro_batches} micro-batches")
+
+    def put(x):
+      if x is None:
+        return None
+      x = np.asarray(x)
+      x = x.reshape((cfg.num_mini_batches, cfg.num_micro_batches, b_total // split) + x.shape[1:])
+      spec = sharding.logical_to_spec((None, None, "batch") + (None,) * (x.ndim - 3), x.shape, self.mesh)
+      return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    return Batch(*(put(x) for x in batch))
+
+  # --- log-probs ---
+
+  def _logprobs_impl(self, params, batch: Batch):
+    """Per-token log-probs of a [M, m, b, ...] batch, one micro-batch at a time (memory), -> [M, m, b, N]."""
+    model = nnx.merge(self.graphdef, params)
+
+    def one(args):
+      prompt, pmask, tokens, rmask = args
+      return sequence_logprobs(model, prompt, pmask, tokens, rmask, self.cfg.temperature)[0]
+
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+    xs = (flat(batch.prompt_BxP), flat(batch.prompt_mask_BxP), flat(batch.tokens_BxN), flat(batch.mask_BxN) > 0)
+    out = jax.lax.map(one, xs)
+    return out.reshape(batch.tokens_BxN.shape)
+
+  # --- the update ---
+
+  def microbatch_loss(self, params, mb: Batch, totals):
+    """This micro-batch's share of the mini-batch loss, and its metric shares."""
+    cfg = self.cfg
+    model = nnx.merge(self.graphdef, params)
+    need_logits = True  # entropy is always logged
+    logp, logits = sequence_logprobs(model, mb.prompt_BxP, mb.prompt_mask_BxP, mb.tokens_BxN, mb.mask_BxN > 0,
+                                     cfg.temperature, with_logits=need_logits)
+    num_tokens, num_seqs = totals
+    loss, metrics = loss_lib.policy_loss(
+        logp, mb.old_logp_BxN, mb.adv_B, mb.mask_BxN, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+        clip_c=cfg.clip_c, agg=cfg.loss_agg, logits=logits, num_tokens=num_tokens, num_seqs=num_seqs,
+        norm_len=cfg.norm_len or None)
+    if cfg.entropy_coef:
+      loss = loss - cfg.entropy_coef * metrics["entropy"]
+    if cfg.kl_coef:
+      # k3 estimator of KL(pi || ref), clamped as the reference ("low_var_kl").
+      d = mb.ref_logp_BxN - logp
+      kl = jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
+      kl_loss = loss_lib.aggregate(kl, mb.mask_BxN, cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                                   norm_len=cfg.norm_len or None)
+      loss = loss + cfg.kl_coef * kl_loss
+      metrics["kl_loss"] = kl_loss
+    return loss, metrics
+
+  def minibatch_grads(self, params, mini: Batch):
+    """Gradient of one mini-batch ([m, b, ...]) accumulated over its micro-batches; (loss, grads, metrics)."""
+    totals = (jnp.sum(mini.mask_BxN.astype(jnp.float32)), mini.adv_B.shape[0] * mini.adv_B.shape[1])
+    grad_fn = jax.value_and_grad(self.microbatch_loss, has_aux=True)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+    def body(acc, mb):
+      (loss, metrics), grads = grad_fn(params, mb, totals)
+      acc_loss, acc_grads, acc_metrics = acc
+      acc_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads)
+      acc_metrics = jax.tree.map(jnp.add, acc_metrics, metrics)
+      return (acc_loss + loss, acc_grads, acc_metrics), None
+
+    _, metric_shapes = jax.eval_shape(lambda: self.microbatch_loss(params, jax.tree.map(lambda x: x[0], mini),
+                                                                   totals))
+    init = (jnp.zeros((), jnp.float32), zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+    (loss, grads, metrics), _ = jax.lax.scan(body, init, mini)
+    return loss, grads, metrics
+
+  def _update_impl(self, state: TrainState, batch: Batch):
+    cfg = self.cfg
+    tx = _base_tx(cfg)
+    lr = lr_at(cfg, state.step)
+
+    def one_update(carry, mini):
+      params, opt, updates, skipped = carry
+      loss, grads, metrics = self.minibatch_grads(params, mini)
+      norm = optax.tree.norm(grads)
+      finite = jnp.isfinite(norm)
+      scale = jnp.minimum(1.0, cfg.grad_clip / (norm + 1e-6))
+      grads = jax.tree.map(lambda g: g * scale, grads)
+      step_updates, new_opt = tx.update(grads, opt, params)
+      new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, step_updates)
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+      carry = (keep(new_params, params), keep(new_opt, opt), updates + finite.astype(jnp.int32),
+               skipped + (~finite).astype(jnp.int32))
+      metrics = dict(metrics, grad_norm=norm, loss=loss)
+      return carry, metrics
+
+    (params, opt, updates, skipped), per_update = jax.lax.scan(
+        one_update, (state.params, state.opt, state.updates, state.skipped), batch)
+    metrics = {f"actor/{k}": jnp.mean(v) for k, v in per_update.items()}
+    metrics["actor/lr"] = lr
+    metrics["actor/skipped_updates"] = (skipped - state.skipped).astype(jnp.float32)
+    return TrainState(params, opt, state.step + 1, updates, skipped), metrics
