@@ -96,7 +96,11 @@ def sample_token(logits_BxV, rng, params: SamplingParams):
   else:
     scaled_BxV = logits_BxV / params.temperature
     logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
-    token_B = jax.random.categorical(rng, _filter_logits(scaled_BxV, params), axis=-1)
+    # Inverse-CDF sampling: one uniform per row instead of a Gumbel draw per vocabulary entry (the RNG was
+    # ~10% of a decode step on CPU). u lies in (0, total], so zero-probability entries are never picked.
+    cdf_BxV = jnp.cumsum(jax.nn.softmax(_filter_logits(scaled_BxV, params), axis=-1), axis=-1)
+    u_B = (1.0 - jax.random.uniform(rng, cdf_BxV.shape[:1])) * cdf_BxV[:, -1]
+    token_B = jnp.minimum(jnp.sum(cdf_BxV < u_B[:, None], axis=-1), cdf_BxV.shape[-1] - 1)
   token_B = token_B.astype(jnp.int32)
   return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
 

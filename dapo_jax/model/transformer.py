@@ -4,8 +4,8 @@ Every parameter is created with logical axis names (`nnx.with_partitioning`); `d
 maps them to the mesh. Kernels are stored as [in, ..., out] so the forward pass is plain einsums; the
 Hugging Face layout ([out, in]) is translated on load and save (`hf_io.py`).
 
-The KV cache is laid out [B, KV, S, hd], one array per layer, updated in place with dynamic_update_slice:
-both choices were measured to decide decode speed on CPU (see the sampler).
+The KV cache holds one array per layer (keys [B, KV, hd, S], values [B, KV, S, hd]) updated in place with
+dynamic_update_slice: both choices were measured to decide decode speed on CPU (benchmarks/sampler_bench.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
 
 
 class KVCache(NamedTuple):
-  """Per-layer keys and values, [B, KV, S, hd] each, and which of the S slots hold real tokens.
+  """Per-layer keys [B, KV, hd, S] (transposed) and values [B, KV, S, hd], and which of the S slots hold
+  real tokens.
 
   `index` is the next slot to write. Rows share it: prompts are left-padded so that every row's
   sequence ends at the same slot.
@@ -43,9 +44,10 @@ class KVCache(NamedTuple):
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
+    v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
     return cls(k, v, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
 
@@ -123,22 +125,28 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    k_BxKxTxH = k.transpose(0, 2, 1, 3)
+    # Keys are kept transposed, [B, KV, hd, S]: q @ k then needs no transpose of the whole cache per step,
+    # which on CPU made decode attention ~4x slower. Values stay [B, KV, S, hd].
+    kt_BxKxHxT = k.transpose(0, 2, 3, 1)
     v_BxKxTxH = v.transpose(0, 2, 1, 3)
     if kv is not None:
-      k_cache, v_cache = kv
-      k_BxKxTxH = jax.lax.dynamic_update_slice(k_cache, k_BxKxTxH.astype(k_cache.dtype), (0, 0, index, 0))
+      kt_cache, v_cache = kv
+      kt_BxKxHxT = jax.lax.dynamic_update_slice(kt_cache, kt_BxKxHxT.astype(kt_cache.dtype), (0, 0, 0, index))
       v_BxKxTxH = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxH.astype(v_cache.dtype), (0, 0, index, 0))
     b, t = x.shape[:2]
     kvh, g, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    q_BxKxGxTxH = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxTxH.astype(dt),
+    s = v_BxKxTxH.shape[2]
+    # The G query heads sharing a KV head and the T positions form one matrix per (row, KV head).
+    q_BxKxQxH = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
+    scores = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxQxH, kt_BxKxHxT.astype(dt),
                         preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    scores = scores.reshape(b, kvh, g, t, s)
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxTxH.astype(dt)).reshape(b, t, cfg.num_heads, hd)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, g * t, s)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, v_BxKxTxH.astype(dt))
+    out = out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, hd)
     out_BxTxD = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt))
-    return out_BxTxD, (None if kv is None else (k_BxKxTxH, v_BxKxTxH))
+    return out_BxTxD, (None if kv is None else (kt_BxKxHxT, v_BxKxTxH))
 
 
 class MLP(nnx.Module):
