@@ -24,7 +24,7 @@ from flax import nnx
 from dapo_jax.model.transformer import KVCache, Transformer, default_positions
 from dapo_jax.sharding import constrain
 
-PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 16384, 32768)
 BUDGET_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 20480, 32768)
 
 

@@ -1,0 +1,79 @@
+"""Orbax checkpoints holding everything a run needs to continue bitwise: the train state (parameters,
+optimizer state, counters) and a JSON record (data position, dynamic-sampling carry-over, config).
+
+Saves are asynchronous and keep the last K. Restoring walks back from the newest checkpoint: one that fails
+to read (truncated, corrupted, half-written) is reported with a warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _encode(x):
+  """JSON-able form of the carry-over (lists of dicts of numpy arrays), exact for int and float32 data."""
+  if isinstance(x, dict):
+    return {k: _encode(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_encode(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return {"__ndarray__": x.tolist(), "dtype": str(x.dtype), "shape": list(x.shape)}
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+def _decode(x):
+  if isinstance(x, dict):
+    if "__ndarray__" in x:
+      return np.asarray(x["__ndarray__"], dtype=x["dtype"]).reshape(x["shape"])
+    return {k: _decode(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_decode(v) for v in x]
+  return x
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str | Path, *, max_to_keep: int = 3, asynchronous: bool = True):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=asynchronous)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, record: dict, *, wait: bool = False):
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    record=ocp.args.JsonSave(_encode(record))))
+    if wait:
+      self.manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    """(step, state, record) of the newest readable checkpoint, or None when there is none."""
+    self.manager.wait_until_finished()
+    for step in reversed(self.steps()):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
+        state = restored["state"]
+        jax.block_until_ready(state)
+        return step, state, _decode(restored["record"])
+      except Exception as e:  # noqa: BLE001 -- any read failure means this checkpoint is unusable
+        logging.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one", self.directory, step,
+                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+    return None
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,97 @@
+"""Run outputs: metrics as JSON Lines and TensorBoard events, a console progress line, and the final plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+
+class MetricWriter:
+  """Writes `metrics.jsonl` and TensorBoard events in the workdir (process 0 only)."""
+
+  def __init__(self, workdir: str | Path, *, enabled: bool = True):
+    self.enabled = enabled
+    self.path = Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, float]):
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "step" and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+  path = Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+class Progress:
+  """One console line per step: a bar, chosen metrics, seconds per step and the ETA."""
+
+  def __init__(self, total: int, start: int = 0, *, enabled: bool = True, stream=sys.stdout):
+    self.total, self.start, self.enabled, self.stream = total, start, enabled, stream
+    self.t0 = time.perf_counter()
+
+  def update(self, step: int, metrics: Mapping[str, float], keys: Mapping[str, str]):
+    if not self.enabled:
+      return
+    done = step - self.start
+    elapsed = time.perf_counter() - self.t0
+    rate = elapsed / max(done, 1)
+    eta = rate * (self.total - step)
+    width = 24
+    filled = int(width * step / max(self.total, 1))
+    shown = "  ".join(f"{label} {metrics[k]:.3f}" for k, label in keys.items() if k in metrics)
+    self.stream.write(f"step {step}/{self.total} [{'=' * filled}{' ' * (width - filled)}] {shown}  "
+                      f"{rate:.1f}s/step  ETA {int(eta // 60)}m{int(eta % 60):02d}s\n")
+    self.stream.flush()
+
+
+PLOT_PANELS = (
+    ("accuracy", ("val/acc/mean", "critic/acc/mean")),
+    ("reward", ("critic/score/mean",)),
+    ("entropy", ("actor/entropy",)),
+    ("response length", ("response_length/mean",)),
+)
+
+
+def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path | None:
+  """A PNG of accuracy, reward, entropy and response length over steps, from `metrics.jsonl`."""
+  rows = read_metrics(workdir)
+  if not rows:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(PLOT_PANELS), figsize=(4.2 * len(PLOT_PANELS), 3.4))
+  for ax, (title, keys) in zip(axes, PLOT_PANELS):
+    for key in keys:
+      pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+      if pts:
+        ax.plot(*zip(*pts), marker="o" if key.startswith("val/") else None, markersize=3, label=key)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  out = Path(out or Path(workdir) / "curves.png")
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out

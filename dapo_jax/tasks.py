@@ -1,0 +1,117 @@
+"""What a run trains on: the tokenizer, the prompts (train and held-out), the reward, and the policy it starts
+from. `build(config, workdir)` makes them for `config.data.name`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from dapo_jax import model as M
+from dapo_jax import rewards
+from dapo_jax.data import synthetic
+from dapo_jax.data.iterator import PromptIterator
+from dapo_jax.sft import SFTConfig, pack, train_sft
+from dapo_jax.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclasses.dataclass
+class Task:
+  tokenizer: Tokenizer
+  train_rows: list[dict]  # each: prompt_ids, answer, ...
+  eval_rows: list[dict]
+  score: Callable[..., dict]
+  demonstrations: Callable[[int, int], list[tuple[list[int], list[int]]]] | None = None
+  truncated_prompts: int = 0
+
+  def train_iterator(self, seed: int) -> PromptIterator:
+    return PromptIterator(self.train_rows, seed, process_index=jax.process_index(),
+                          num_processes=jax.process_count())
+
+
+def encode_prompt(tokenizer: Tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], bool]:
+  """Chat-templated prompt ids, left-truncated to `max_len` (as the reference): (ids, truncated)."""
+  text = tokenizer.apply_chat_template(messages, add_generation_prompt=True) if tokenizer.chat_template else \
+      messages[-1]["content"]
+  ids = tokenizer.encode(text)
+  return (ids[-max_len:], True) if len(ids) > max_len else (ids, False)
+
+
+def _arithmetic(config, workdir: Path) -> Task:
+  from dapo_jax.data.tfds_builders import arithmetic_builder, read_split
+  task = synthetic.ArithmeticTask(**dict(config.data.task))
+  data_dir = Path(os.path.expanduser(config.data.dir))
+  builder = arithmetic_builder(task, str(data_dir / "tfds"))
+  if config.tokenizer.path:
+    tok = load_tokenizer(config.tokenizer.path)
+  else:
+    key = f"arith_d{task.digits}_s{task.seed}_e{task.error_rate}_v{config.tokenizer.vocab_size}"
+    tok = load_tokenizer(synthetic.build_tokenizer(task, data_dir / "tokenizers" / key,
+                                                   vocab_size=config.tokenizer.vocab_size))
+  truncated = 0
+
+  def rows(split):
+    nonlocal truncated
+    out = []
+    for r in read_split(builder, split):
+      ids, cut = encode_prompt(tok, synthetic.prompt_messages(r["problem"]), config.data.max_prompt_length)
+      truncated += cut
+      out.append({**r, "prompt_ids": ids})
+    return out
+
+  train, test = rows("train"), rows("test")
+  by_problem = {r["problem"]: r["prompt_ids"] for r in train}
+
+  def demonstrations(n, seed):
+    return [(by_problem[p], tok.encode(solution) + [tok.eos_id])
+            for p, solution, _ in synthetic.demonstrations(task, n, seed)]
+
+  return Task(tok, train, test, rewards.get(config.reward.name), demonstrations, truncated)
+
+
+TASKS = {"arithmetic": _arithmetic}
+
+
+def build(config, workdir: Path) -> Task:
+  if config.data.name not in TASKS:
+    raise ValueError(f"config.data.name={config.data.name!r} is not one of {sorted(TASKS)}")
+  task = TASKS[config.data.name](config, workdir)
+  if task.truncated_prompts:
+    logging.warning("%d prompts were longer than data.max_prompt_length=%d and were left-truncated",
+                    task.truncated_prompts, config.data.max_prompt_length)
+  return task
+
+
+def build_policy(config, task: Task, mesh) -> M.Transformer:
+  m = config.model
+  if m.hf_path:
+    model, _ = M.load_hf(m.hf_path, dtype=m.param_dtype, compute_dtype=m.dtype, mesh=mesh)
+    return model
+  cfg = M.preset(m.preset, param_dtype=m.param_dtype, dtype=m.dtype, vocab_size=task.tokenizer.vocab_size,
+                 eos_token_id=task.tokenizer.eos_id, **dict(m.overrides))
+  return M.init_sharded(cfg, mesh, seed=config.seed)
+
+
+def warm_start(config, task: Task, model, mesh, workdir: Path):
+  """The supervised warm start (config.sft.steps > 0 and a task with demonstrations)."""
+  s = config.sft
+  if not s.steps or task.demonstrations is None:
+    return model
+  tok = task.tokenizer
+
+  def batches():
+    i = 0
+    while True:
+      demos = task.demonstrations(s.batch_size, config.seed * 100003 + i)
+      i += 1
+      yield pack([d[0] for d in demos], [d[1] for d in demos], tok.pad_id, config.rollout.max_response_length)
+
+  print(f"warm start: {s.steps} supervised steps on imperfect demonstrations")
+  model, loss = train_sft(model, mesh, SFTConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+                                                 warmup_steps=s.warmup_steps), batches(),
+                          log_every=max(s.steps // 4, 1))
+  return model

@@ -1,0 +1,269 @@
+"""The DAPO training loop: `train_and_evaluate(config, workdir)`.
+
+Per step: sample generation batches (G responses per prompt), score them, keep the groups whose answers
+disagree until the batch is full (dynamic sampling), shape rewards for length, compute group advantages,
+recompute old log-probs, run the mini-batch updates; evaluate avg@k every N steps; log; checkpoint.
+Everything a resumed run needs is in the checkpoint, so a killed run continues bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dapo_jax import checkpoint as ckpt_lib
+from dapo_jax import config_lib
+from dapo_jax import model as M
+from dapo_jax import sharding
+from dapo_jax.advantages import group_advantages
+from dapo_jax.dynamic_sampling import DynamicSampling, GroupAccumulator
+from dapo_jax.metrics import MetricWriter, Progress, plot_run
+from dapo_jax.rewards import OverlongShaping, RewardExecutor
+from dapo_jax.sampling import SamplingParams, generate, pad_prompts
+from dapo_jax.train_step import Batch, Trainer
+from dapo_jax import tasks
+
+_PROMPT_KEYS = ("prompt_BxP", "prompt_mask_BxP")
+
+
+class _Stop:
+  """Set by SIGTERM / SIGINT: finish the step, checkpoint, exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: signals cannot be caught here
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning("signal %d: checkpointing after this step, then stopping (Ctrl-C again to abort)", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _timed(timings: dict, name: str):
+  class _T:
+    def __enter__(self):
+      self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+      timings[f"timing_s/{name}"] = timings.get(f"timing_s/{name}", 0.0) + time.perf_counter() - self.t
+  return _T()
+
+
+class RolloutScorer:
+  """Samples G responses for a list of task rows and scores them; returns rows for the accumulator."""
+
+  def __init__(self, config, task: tasks.Task, executor: RewardExecutor, overlong: OverlongShaping):
+    self.config, self.task, self.executor, self.overlong = config, task, executor, overlong
+    r = config.rollout
+    tok = task.tokenizer
+    self.params = SamplingParams(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
+                                 top_k=r.top_k, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+
+  def __call__(self, model, rows: list[dict], rng, timings: dict) -> dict[str, np.ndarray]:
+    g = self.config.rollout.group_size
+    prompts = [row["prompt_ids"] for row in rows]
+    with _timed(timings, "gen"):
+      out = jax.device_get(generate(model, prompts, self.params, rng, num_samples=g))
+    tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
+    with _timed(timings, "reward"):
+      texts = [self.task.tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
+      truths = [rows[i // g]["answer"] for i in range(len(tokens))]
+      results = self.executor.score(texts, truths)
+    lengths = np.asarray(out.lengths_B)
+    return {
+        "prompt_BxP": np.asarray(out.prompt_BxP), "prompt_mask_BxP": np.asarray(out.prompt_mask_BxP),
+        "tokens_BxN": tokens, "mask_BxN": mask, "sampler_logp_BxN": np.asarray(out.logprobs_BxN),
+        "lengths_B": lengths, "truncated_B": np.asarray(out.truncated_B),
+        "acc_B": np.asarray([r["acc"] for r in results], np.float32),
+        "score_B": np.asarray([r["score"] for r in results], np.float32),
+        "penalty_B": self.overlong.penalty(lengths).astype(np.float32),
+        "prompt_len_B": np.asarray(out.prompt_mask_BxP).sum(axis=1),
+        "text_B": np.asarray(texts, dtype=object), "truth_B": np.asarray(truths, dtype=object),
+    }
+
+
+def evaluate(model, task: tasks.Task, config, rng) -> dict[str, float]:
+  """avg@k (mean accuracy over k samples per problem) and pass@k on the held-out problems."""
+  e = config.eval
+  rows = task.eval_rows[: e.num_problems]
+  tok = task.tokenizer
+  params = SamplingParams(max_new_tokens=config.rollout.max_response_length, temperature=e.temperature,
+                          top_p=e.top_p, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+  out = jax.device_get(generate(model, [r["prompt_ids"] for r in rows], params, rng, num_samples=e.k))
+  tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
+  acc = np.asarray([task.score(tok.decode(tokens[i][mask[i]]), rows[i // e.k]["answer"])["acc"]
+                    for i in range(len(tokens))], np.float32).reshape(len(rows), e.k)
+  return {"val/acc/mean": float(acc.mean()), f"val/acc/mean@{e.k}": float(acc.mean()),
+          f"val/pass@{e.k}": float(acc.max(axis=1).mean()),
+          "val/response_length/mean": float(np.asarray(out.lengths_B).mean())}
+
+
+def _summary(name: str, x) -> dict[str, float]:
+  x = np.asarray(x, np.float64)
+  return {f"{name}/mean": float(x.mean()), f"{name}/max": float(x.max()), f"{name}/min": float(x.min())}
+
+
+def _check_workdir_config(workdir: Path, config) -> None:
+  saved = workdir / "config.json"
+  current = config_lib.comparable(config)
+  if saved.is_file():
+    previous = json.loads(saved.read_text())
+    if previous != current and not config.allow_different_config:
+      diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+      raise ValueError(f"{workdir} holds a run of another config (fields differ: {diff[:8]}); use another "
+                       f"--workdir, or pass --config.allow_different_config=True to resume it anyway")
+  if jax.process_index() == 0:
+    saved.write_text(json.dumps(current, indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains with DAPO per `config`, writing metrics, checkpoints and plots to `workdir`; returns the last
+  evaluation's metrics."""
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  config_lib.validate(config, mesh)  # before anything is built or compiled
+  _check_workdir_config(workdir, config)
+  is_main = jax.process_index() == 0
+  writer = MetricWriter(workdir, enabled=is_main)
+  base_key = jax.random.key(config.seed)
+  timings: dict[str, float] = {}
+
+  task = tasks.build(config, workdir)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
+                                       asynchronous=config.checkpoint.asynchronous)
+  model = tasks.build_policy(config, task, mesh)
+  update_cfg = config_lib.update_config(config)
+  trainer = Trainer(model, update_cfg, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          jax.eval_shape(trainer.init_state, model), trainer.state_shardings)
+
+  accumulator = GroupAccumulator(DynamicSampling(**dict(config.dynamic_sampling),
+                                                 train_batch_size=config.rollout.train_batch_size),
+                                 config.rollout.group_size, left_padded=_PROMPT_KEYS)
+  iterator = task.train_iterator(config.seed)
+  restored = checkpointer.restore_latest(abstract)
+  with jax.set_mesh(mesh):
+    if restored is None:
+      model = tasks.warm_start(config, task, model, mesh, workdir)
+      state = trainer.init_state(model)
+      step = 0
+      checkpointer.save(0, state, {"data": iterator.state(), "carry": accumulator.state()}, wait=True)
+    else:
+      step, state, record = restored
+      iterator.restore(record["data"])
+      accumulator.restore(record["carry"])
+      logging.info("resumed from %s at step %d", checkpointer.directory, step)
+      print(f"resumed from checkpoint step {step}")
+
+  overlong = OverlongShaping(max_len=config.rollout.max_response_length, buffer=config.overlong.buffer,
+                             factor=config.overlong.factor, enable=config.overlong.enable,
+                             filter=config.overlong.filter)
+  last_eval: dict[str, float] = {}
+  progress = Progress(config.total_steps, step, enabled=config.log.progress and is_main)
+  with RewardExecutor(config.reward.name, workers=config.reward.workers,
+                      timeout_s=config.reward.timeout_s) as executor, _Stop() as stop, jax.set_mesh(mesh):
+    scorer = RolloutScorer(config, task, executor, overlong)
+    if step == 0 and config.eval.before_train:
+      last_eval = evaluate(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9))
+      writer.write(0, last_eval)
+      print(f"step 0: held-out avg@{config.eval.k} {last_eval['val/acc/mean']:.3f}")
+    while step < config.total_steps and not stop.requested:
+      timings = {}
+      t_step = time.perf_counter()
+      model_now = trainer.model(state)
+      gen_index = 0
+      samples = []
+      while not accumulator.ready:
+        rows = iterator.next_batch(config.rollout.gen_batch_size)
+        rng = jax.random.fold_in(jax.random.fold_in(base_key, step), gen_index)
+        batch = scorer(model_now, rows, rng, timings)
+        gen_index += 1
+        metric = {"acc": batch["acc_B"], "score": batch["score_B"],
+                  "seq_reward": batch["score_B"] + batch["penalty_B"]}[config.dynamic_sampling.metric]
+        accumulator.add(batch, metric)
+        samples.append(batch)
+      batch, ds_metrics = accumulator.take()
+
+      with _timed(timings, "adv"):
+        reward_B = batch["score_B"] + batch["penalty_B"]
+        adv_B = group_advantages(reward_B, config.rollout.group_size)
+        loss_mask = batch["mask_BxN"] * overlong.loss_mask(batch["truncated_B"])[:, None]
+      update_batch = Batch(batch["prompt_BxP"], batch["prompt_mask_BxP"], batch["tokens_BxN"],
+                           loss_mask.astype(np.float32), batch["sampler_logp_BxN"], adv_B)
+      sharded = trainer.shard_batch(update_batch)
+      if not config.actor.reuse_sampler_logprobs:
+        with _timed(timings, "old_log_prob"):
+          old = trainer.logprobs(state.params, sharded)
+          sharded = sharded._replace(old_logp_BxN=jax.block_until_ready(old))
+      with _timed(timings, "update_actor"):
+        state, actor = trainer.update(state, sharded)
+        actor = jax.device_get(actor)
+      step += 1
+
+      sampled = {k: np.concatenate([s[k] for s in samples]) for k in ("lengths_B", "truncated_B", "acc_B")}
+      n_resp_tokens = float(loss_mask.sum())
+      metrics = {**ds_metrics, **{k: float(v) for k, v in actor.items()},
+                 **_summary("critic/score", reward_B), **_summary("critic/rewards", reward_B),
+                 **_summary("critic/advantages", adv_B), **_summary("response_length", batch["lengths_B"]),
+                 **_summary("prompt_length", batch["prompt_len_B"]),
+                 "critic/acc/mean": float(batch["acc_B"].mean()),
+                 "rollout/acc/mean": float(sampled["acc_B"].mean()),
+                 "response_length/clip_ratio": float(batch["truncated_B"].mean()),
+                 "critic/overlong_penalty/mean": float(batch["penalty_B"].mean())}
+      metrics.update(timings)
+      gen_tokens = float(sampled["lengths_B"].sum())
+      metrics["perf/gen_tokens_per_s"] = gen_tokens / max(timings.get("timing_s/gen", 0.0), 1e-9)
+      metrics["perf/update_tokens_per_s"] = n_resp_tokens / max(timings.get("timing_s/update_actor", 1e-9), 1e-9)
+
+      if config.eval.every and (step % config.eval.every == 0 or step == config.total_steps):
+        with _timed(metrics, "testing"):
+          last_eval = evaluate(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9 + step))
+        metrics.update(last_eval)
+      if step % config.checkpoint.every == 0 or step == config.total_steps or stop.requested:
+        with _timed(metrics, "save_checkpoint"):
+          checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state()},
+                            wait=stop.requested)
+      metrics["timing_s/step"] = time.perf_counter() - t_step
+      writer.write(step, metrics)
+      if is_main and config.log.samples_per_step:
+        _log_samples(workdir, step, batch, config.log.samples_per_step)
+      progress.update(step, metrics, {"val/acc/mean": "val_acc", "critic/acc/mean": "acc",
+                                      "critic/score/mean": "score", "actor/entropy": "entropy"})
+
+  checkpointer.close()
+  writer.close()
+  if is_main:
+    plot_run(workdir)
+  return last_eval
+
+
+def _log_samples(workdir: Path, step: int, batch: dict, n: int):
+  with open(workdir / "samples.jsonl", "a") as f:
+    for i in range(min(n, len(batch["acc_B"]))):
+      f.write(json.dumps({"step": step, "response": str(batch["text_B"][i]), "truth": str(batch["truth_B"][i]),
+                          "acc": bool(batch["acc_B"][i]), "score": float(batch["score_B"][i]),
+                          "length": int(batch["lengths_B"][i])}) + "\n")

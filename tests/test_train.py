@@ -1,0 +1,187 @@
+"""The training loop end to end on a tiny config: outputs, config checks, checkpoints and exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from dapo_jax import checkpoint as ckpt_lib
+from dapo_jax import config_lib, sharding
+from dapo_jax.train import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("dapo_cache"))
+
+
+def tiny_config(data_dir, **changes):
+  c = default_config.get_config()
+  c.data.dir = data_dir
+  c.data.task.num_train, c.data.task.num_test = 400, 40
+  c.mesh.fsdp = 1
+  c.total_steps = 3
+  c.sft.steps, c.sft.batch_size = 40, 32
+  c.model.overrides.num_layers = 2
+  c.rollout.group_size, c.rollout.gen_batch_size, c.rollout.train_batch_size = 4, 8, 4
+  c.actor.mini_batch_size, c.actor.micro_batch_size = 2, 4
+  c.actor.lr = 1e-3
+  c.dynamic_sampling.on_exhausted = "train_on_kept"
+  c.dynamic_sampling.max_num_gen_batches = 2
+  c.eval.num_problems, c.eval.k, c.eval.every = 8, 2, 2
+  c.checkpoint.every = 1
+  c.reward.workers = 0
+  c.log.progress = False
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _flags(config, workdir):
+  flags = [f"--workdir={workdir}"]
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        walk(f"{prefix}{k}.", v)
+      else:
+        flags.append(f"--config.{prefix}{k}={v}")
+  walk("", config)
+  return flags
+
+
+def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
+  config = tiny_config(data_dir)
+  result = train_and_evaluate(config, str(tmp_path))
+  assert "val/acc/mean" in result
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  steps = [r["step"] for r in rows]
+  assert steps == [0, 1, 2, 3]
+  for key in ("critic/score/mean", "critic/acc/mean", "response_length/mean", "response_length/clip_ratio",
+              "actor/pg_clipfrac", "actor/entropy", "actor/grad_norm", "actor/ppo_kl", "actor/lr",
+              "train/num_gen_batches", "timing_s/gen", "timing_s/reward", "timing_s/old_log_prob",
+              "timing_s/update_actor", "timing_s/step", "perf/gen_tokens_per_s"):
+    assert all(key in r for r in rows[1:]), key
+  assert "val/acc/mean" in rows[2] and "val/acc/mean" in rows[3]
+  assert (tmp_path / "curves.png").stat().st_size > 10_000
+  assert any((tmp_path / "tensorboard").iterdir())
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+  assert (tmp_path / "samples.jsonl").is_file()
+  # The same workdir with another config is refused; with the override it resumes (and has nothing to do).
+  with pytest.raises(ValueError, match=r"holds a run of another config \(fields differ: \['actor.lr'\]"):
+    train_and_evaluate(tiny_config(data_dir, **{"actor.lr": 5e-4}), str(tmp_path))
+  train_and_evaluate(tiny_config(data_dir, **{"actor.lr": 5e-4, "allow_different_config": True}), str(tmp_path))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("actor.mini_batch_size", 3, "actor.mini_batch_size: 3 does not divide rollout.train_batch_size=4"),
+    ("actor.micro_batch_size", 3, "actor.micro_batch_size: 3 rows do not divide a mini-batch of 8 rows"),
+    ("actor.clip_low", 1.5, r"actor.clip_low: must be in \[0, 1\)"),
+    ("actor.clip_c", 1.0, "actor.clip_c: the dual-clip constant must be > 1"),
+    ("overlong.buffer", 32, "overlong.buffer: 32 must be positive and smaller than rollout.max_response_length=32"),
+    ("reward.name", "nope", "reward.name: unknown reward 'nope'"),
+    ("rollout.group_size", 1, "rollout.group_size: dynamic sampling needs groups of at least 2"),
+    ("actor.loss_agg", "sum", "actor.loss_agg: 'sum' is not one of"),
+])
+def test_config_is_validated_before_anything_is_built(tmp_path, data_dir, field, value, match):
+  with pytest.raises(config_lib.ConfigValidationError, match=match):
+    train_and_evaluate(tiny_config(data_dir, **{field: value}), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_batch_must_divide_the_mesh(data_dir):
+  mesh = sharding.make_mesh({"data": 8})
+  with pytest.raises(config_lib.ConfigValidationError, match="actor.micro_batch_size: 4 rows do not divide over "
+                                                             "the 8 devices"):
+    config_lib.validate(tiny_config(data_dir), mesh)
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+  ck = ckpt_lib.Checkpointer(tmp_path, max_to_keep=3, asynchronous=True)
+  for step in (1, 2):
+    ck.save(step, {"w": jnp.full((4,), float(step))}, {"data": {"index": step}, "carry": []})
+  ck.close()
+  files = [p for p in (tmp_path / "2").rglob("*") if p.is_file() and p.stat().st_size > 0 and "state" in str(p)]
+  for f in files:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+  ck = ckpt_lib.Checkpointer(tmp_path, max_to_keep=3)
+  abstract = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  with caplog.at_level("WARNING"):
+    step, state, record = ck.restore_latest(abstract)
+  assert step == 1 and record["data"]["index"] == 1
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(4))
+  assert any("checkpoint" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_carry_over_round_trips_exactly():
+  carry = [{"tokens": np.arange(6, dtype=np.int32).reshape(2, 3), "logp": np.float32([-0.1, -1e-8]),
+            "text": np.asarray(["a", "b"], dtype=object), "flag": np.asarray([True, False])}]
+  back = ckpt_lib._decode(json.loads(json.dumps(ckpt_lib._encode({"carry": carry}))))["carry"]
+  for k, v in carry[0].items():
+    assert back[0][k].dtype == v.dtype
+    np.testing.assert_array_equal(back[0][k], v)
+
+
+def _run(config, workdir, **popen):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  return subprocess.Popen([sys.executable, "-m", "dapo_jax.main", *_flags(config, workdir)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _final_params(workdir, step):
+  from orbax import checkpoint as ocp
+  path = Path(workdir) / "checkpoints" / str(step) / "state"
+  restored = ocp.StandardCheckpointer().restore(path.absolute())
+  return [np.asarray(x) for x in jax.tree.leaves(restored)]
+
+
+def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, data_dir):
+  config = tiny_config(data_dir, total_steps=4, **{"eval.every": 0, "checkpoint.asynchronous": False})
+  straight = _run(config, tmp_path / "straight")
+  out, _ = straight.communicate(timeout=600)
+  assert straight.returncode == 0, out[-3000:]
+
+  victim = _run(config, tmp_path / "killed")
+  deadline = time.monotonic() + 600
+  while not (tmp_path / "killed" / "checkpoints" / "2").is_dir():
+    assert victim.poll() is None and time.monotonic() < deadline, victim.communicate()[0][-3000:]
+    time.sleep(0.05)
+  victim.send_signal(signal.SIGKILL)
+  victim.communicate()
+  resumed = _run(config, tmp_path / "killed")
+  out, _ = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, out[-3000:]
+  assert "resumed from checkpoint step" in out
+  for a, b in zip(_final_params(tmp_path / "straight", 4), _final_params(tmp_path / "killed", 4)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data_dir):
+  config = tiny_config(data_dir, total_steps=50, **{"eval.every": 0, "checkpoint.every": 100})
+  proc = _run(config, tmp_path)
+  deadline = time.monotonic() + 600
+  metrics = tmp_path / "metrics.jsonl"
+  while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  last = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+  assert 0 < last < 50 and steps[-1] == last
