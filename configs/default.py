@@ -18,7 +18,7 @@ def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.total_steps = 60  # DAPO training steps (one optimizer pass over a filled batch each)
+  c.total_steps = 200  # DAPO training steps (one optimizer pass over a filled batch each)
   c.allow_different_config = False  # resume a workdir whose saved config differs
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
 
@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.data.dir = "~/.cache/dapo_jax"  # TFDS data and the trained tokenizer are cached here
   c.data.max_prompt_length = 64
   c.data.task = ml_collections.ConfigDict(
-      {"digits": 2, "num_train": 4000, "num_test": 200, "error_rate": 0.3, "seed": 0})
+      {"digits": 2, "num_train": 4000, "num_test": 200, "error_rate": 0.2, "seed": 0})
 
   c.tokenizer = ml_collections.ConfigDict({"path": "", "vocab_size": 384})
 
@@ -57,7 +57,7 @@ def get_config(arg=None):
   c.reward = ml_collections.ConfigDict({"name": "math_dapo", "workers": 2, "timeout_s": 5.0})
 
   c.actor = ml_collections.ConfigDict()
-  c.actor.lr = 3e-4
+  c.actor.lr = 2e-4
   c.actor.warmup_steps = 3
   c.actor.weight_decay = 0.1
   c.actor.grad_clip = 1.0
@@ -65,14 +65,14 @@ def get_config(arg=None):
   c.actor.clip_high = 0.28
   c.actor.clip_c = 10.0
   c.actor.loss_agg = "token-mean"
-  c.actor.mini_batch_size = 8  # prompt groups per optimizer update
+  c.actor.mini_batch_size = 16  # prompt groups per optimizer update
   c.actor.micro_batch_size = 64  # rows per forward/backward (memory)
   c.actor.reuse_sampler_logprobs = False
   c.actor.kl_coef = 0.0
   c.actor.entropy_coef = 0.0
 
   c.eval = ml_collections.ConfigDict(
-      {"every": 10, "num_problems": 100, "k": 4, "temperature": 1.0, "top_p": 1.0, "before_train": True})
-  c.checkpoint = ml_collections.ConfigDict({"every": 10, "keep": 3, "asynchronous": True})
+      {"every": 20, "num_problems": 100, "k": 4, "temperature": 1.0, "top_p": 1.0, "before_train": True})
+  c.checkpoint = ml_collections.ConfigDict({"every": 20, "keep": 3, "asynchronous": True})
   c.log = ml_collections.ConfigDict({"progress": True, "samples_per_step": 2})
   return c

@@ -65,7 +65,7 @@ class Progress:
 
 
 PLOT_PANELS = (
-    ("accuracy", ("val/acc/mean", "critic/acc/mean")),
+    ("accuracy", ("val/acc/mean", "rollout/acc/mean")),
     ("reward", ("critic/score/mean",)),
     ("entropy", ("actor/entropy",)),
     ("response length", ("response_length/mean",)),

@@ -251,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write(step, metrics)
       if is_main and config.log.samples_per_step:
         _log_samples(workdir, step, batch, config.log.samples_per_step)
-      progress.update(step, metrics, {"val/acc/mean": "val_acc", "critic/acc/mean": "acc",
+      progress.update(step, metrics, {"val/acc/mean": "val_acc", "rollout/acc/mean": "acc",
                                       "critic/score/mean": "score", "actor/entropy": "entropy"})
 
   checkpointer.close()

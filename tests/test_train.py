@@ -26,22 +26,29 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("dapo_cache"))
 
 
+def parity_reward(solution_str, ground_truth, **extra):
+  """A deterministic reward that is right about half the time whatever the policy, so that groups disagree
+  and dynamic sampling keeps some even for an untrained policy."""
+  acc = sum(map(ord, solution_str)) % 2 == 0
+  return {"score": 1.0 if acc else -1.0, "acc": acc, "pred": solution_str[-8:]}
+
+
 def tiny_config(data_dir, **changes):
   c = default_config.get_config()
   c.data.dir = data_dir
   c.data.task.num_train, c.data.task.num_test = 400, 40
-  c.mesh.fsdp = 1
   c.total_steps = 3
   c.sft.steps, c.sft.batch_size = 40, 32
   c.model.overrides.num_layers = 2
   c.rollout.group_size, c.rollout.gen_batch_size, c.rollout.train_batch_size = 4, 8, 4
-  c.actor.mini_batch_size, c.actor.micro_batch_size = 2, 4
+  c.actor.mini_batch_size, c.actor.micro_batch_size = 2, 8
   c.actor.lr = 1e-3
   c.dynamic_sampling.on_exhausted = "train_on_kept"
   c.dynamic_sampling.max_num_gen_batches = 2
   c.eval.num_problems, c.eval.k, c.eval.every = 8, 2, 2
   c.checkpoint.every = 1
   c.reward.workers = 0
+  c.reward.name = "tests.test_train:parity_reward"
   c.log.progress = False
   for key, value in changes.items():
     node = c
@@ -91,6 +98,7 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
 @pytest.mark.parametrize("field,value,match", [
     ("actor.mini_batch_size", 3, "actor.mini_batch_size: 3 does not divide rollout.train_batch_size=4"),
     ("actor.micro_batch_size", 3, "actor.micro_batch_size: 3 rows do not divide a mini-batch of 8 rows"),
+    ("actor.micro_batch_size", 4, "actor.micro_batch_size: 4 rows do not divide over the 8 devices"),
     ("actor.clip_low", 1.5, r"actor.clip_low: must be in \[0, 1\)"),
     ("actor.clip_c", 1.0, "actor.clip_c: the dual-clip constant must be > 1"),
     ("overlong.buffer", 32, "overlong.buffer: 32 must be positive and smaller than rollout.max_response_length=32"),
@@ -104,11 +112,11 @@ def test_config_is_validated_before_anything_is_built(tmp_path, data_dir, field,
   assert not (tmp_path / "checkpoints").exists()
 
 
-def test_batch_must_divide_the_mesh(data_dir):
+def test_generation_batch_must_divide_the_mesh(data_dir):
   mesh = sharding.make_mesh({"data": 8})
-  with pytest.raises(config_lib.ConfigValidationError, match="actor.micro_batch_size: 4 rows do not divide over "
-                                                             "the 8 devices"):
-    config_lib.validate(tiny_config(data_dir), mesh)
+  with pytest.raises(config_lib.ConfigValidationError, match="rollout.gen_batch_size: 3 prompts x 4 responses do "
+                                                             "not divide over the 8 devices"):
+    config_lib.validate(tiny_config(data_dir, **{"rollout.gen_batch_size": 3}), mesh)
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
