@@ -26,6 +26,10 @@ def get_config(arg=None):
   c.data.name = "arithmetic"
   c.data.dir = "~/.cache/dapo_jax"  # TFDS data and the trained tokenizer are cached here
   c.data.max_prompt_length = 64
+  # Real math data (data.name = "math"): source data sets in dapo_jax.data.math_datasets.SOURCES.
+  c.data.source_dir = "../shared/data"
+  c.data.train, c.data.train_split, c.data.eval, c.data.eval_split = "gsm8k", "train", "gsm8k", "test"
+  c.data.dedup = True
   c.data.task = ml_collections.ConfigDict(
       {"digits": 2, "num_train": 4000, "num_test": 200, "error_rate": 0.2, "seed": 0})
 

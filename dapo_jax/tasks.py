@@ -73,7 +73,31 @@ def _arithmetic(config, workdir: Path) -> Task:
   return Task(tok, train, test, rewards.get(config.reward.name), demonstrations, truncated)
 
 
-TASKS = {"arithmetic": _arithmetic}
+def _math(config, workdir: Path) -> Task:
+  """Real math data (`data.train` / `data.eval` name sources in `dapo_jax.data.math_datasets.SOURCES`)."""
+  from dapo_jax.data import math_datasets as md
+  d = config.data
+  data_dir = str(Path(os.path.expanduser(d.dir)) / "tfds")
+  tok_path = config.tokenizer.path or config.model.hf_path
+  if not tok_path:
+    raise ValueError("config.tokenizer.path (or config.model.hf_path) must name a tokenizer for real data")
+  tok = load_tokenizer(tok_path)
+  truncated = 0
+
+  def rows(name, split):
+    nonlocal truncated
+    out = []
+    for r in md.read_builder_split(md.math_builder(name, d.source_dir, data_dir, dedup=d.dedup), split):
+      ids, cut = encode_prompt(tok, r["messages"], d.max_prompt_length)
+      truncated += cut
+      out.append({**r, "prompt_ids": ids})
+    return out
+
+  return Task(tok, rows(d.train, d.train_split), rows(d.eval, d.eval_split), rewards.get(config.reward.name),
+              None, truncated)
+
+
+TASKS = {"arithmetic": _arithmetic, "math": _math}
 
 
 def build(config, workdir: Path) -> Task:

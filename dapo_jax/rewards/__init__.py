@@ -8,4 +8,12 @@ from dapo_jax.rewards.registry import get, names, register
 
 register("math_dapo")(math_dapo.compute_score)
 
+
+def _math_verify(solution_str, ground_truth, **extra):
+  from dapo_jax.rewards.math_verify_reward import compute_score
+  return compute_score(solution_str, ground_truth, **extra)
+
+
+register("math_verify")(_math_verify)
+
 __all__ = ["OverlongShaping", "RewardExecutor", "get", "math_dapo", "names", "overlong_penalty", "register"]

@@ -1,0 +1,173 @@
+"""Real math data through TFDS (array_record; read without TensorFlow): the DAPO authors' verl parquet files
+(DAPO-Math-17k, their AIME 2024 file) and the JSON Lines sets in `shared/data` (GSM8K, AIME 2024 / 2025,
+AMC 2023, MATH-500).
+
+Every row becomes {index, data_source, problem, prompt (chat messages as JSON), answer}. Raw problems are
+wrapped in the DAPO template exactly; parquet rows already carry their templated messages. A malformed row
+fails with its file and line (JSON Lines) or row number (parquet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dapo_jax.data.prompts import dapo_prompt
+
+
+class DataError(ValueError):
+  pass
+
+
+# name -> (format, {split: relative path}, problem field, answer field, data_source)
+SOURCES = {
+    "gsm8k": ("jsonl", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}, "question", "answer", "gsm8k"),
+    "aime24": ("jsonl", {"test": "aime24/test.jsonl"}, "problem", "answer", "aime24"),
+    "aime25": ("jsonl", {"test": "aime25/test.jsonl"}, "problem", "answer", "aime25"),
+    "amc2023": ("jsonl", {"test": "amc2023/test.jsonl"}, "problem", "answer", "amc2023"),
+    "math500": ("jsonl", {"test": "math500/test.jsonl"}, "problem", "answer", "math500"),
+    "dapo_aime24": ("parquet", {"test": "dapo/aime-2024.parquet"}, None, None, "math_dapo"),
+    "dapo_math17k": ("parquet", {"train": "dapo-math-17k.parquet"}, None, None, "math_dapo"),
+}
+
+
+def gsm8k_answer(solution: str) -> str:
+  """The final number of a GSM8K worked solution ("... #### 1,234" -> "1234")."""
+  if "####" not in solution:
+    raise ValueError("no '####' final-answer marker")
+  return solution.split("####")[-1].strip().replace(",", "")
+
+
+def _messages(problem: str) -> str:
+  return json.dumps([{"role": "user", "content": dapo_prompt(problem)}])
+
+
+def read_jsonl(path: Path, problem_field: str, answer_field: str, data_source: str) -> list[dict]:
+  rows = []
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+      for field in (problem_field, answer_field):
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), (str, int, float)):
+          raise DataError(f"{path}:{lineno}: field {field!r} is missing or not a string")
+      answer = str(obj[answer_field])
+      if data_source == "gsm8k":
+        try:
+          answer = gsm8k_answer(answer)
+        except ValueError as e:
+          raise DataError(f"{path}:{lineno}: field {answer_field!r}: {e}") from None
+      problem = str(obj[problem_field])
+      rows.append({"index": len(rows), "data_source": data_source, "problem": problem,
+                   "prompt": _messages(problem), "answer": answer})
+  return rows
+
+
+def read_verl_parquet(path: Path, *, dedup: bool = True) -> list[dict]:
+  """Rows of a verl RL parquet (data_source, prompt, ability, reward_model.ground_truth, extra_info)."""
+  import pyarrow.parquet as pq
+  try:
+    table = pq.read_table(path)
+  except Exception as e:  # noqa: BLE001 -- pyarrow raises several types for unreadable files
+    raise DataError(f"{path}: not a readable parquet file: {e}") from None
+  missing = {"data_source", "prompt", "reward_model"} - set(table.column_names)
+  if missing:
+    raise DataError(f"{path}: missing column(s) {sorted(missing)}; a verl RL parquet has data_source, prompt, "
+                    f"ability, reward_model, extra_info")
+  rows, seen, duplicates = [], set(), 0
+  for i, row in enumerate(table.to_pylist()):
+    prompt, reward = row["prompt"], row["reward_model"]
+    if not isinstance(prompt, (list, np.ndarray)) or not all(isinstance(m, dict) and "content" in m
+                                                             for m in prompt):
+      raise DataError(f"{path}: row {i}: column 'prompt' must be a list of chat messages")
+    if not isinstance(reward, dict) or reward.get("ground_truth") is None:
+      raise DataError(f"{path}: row {i}: column 'reward_model' has no 'ground_truth'")
+    messages = [{"role": m.get("role", "user"), "content": m["content"]} for m in prompt]
+    key = json.dumps(messages)
+    if dedup and key in seen:
+      duplicates += 1
+      continue
+    seen.add(key)
+    extra = row.get("extra_info") or {}
+    rows.append({"index": len(rows), "data_source": str(row["data_source"]),
+                 "problem": str(extra.get("raw_problem") or ""), "prompt": key,
+                 "answer": str(reward["ground_truth"])})
+  if duplicates:
+    logging.info("%s: dropped %d duplicate prompts, kept %d", path, duplicates, len(rows))
+  return rows
+
+
+def read_source(name: str, split: str, source_dir: str | os.PathLike, *, dedup: bool = True) -> list[dict]:
+  if name not in SOURCES:
+    raise DataError(f"unknown dataset {name!r}; known: {sorted(SOURCES)}")
+  fmt, files, pf, af, ds = SOURCES[name]
+  if split not in files:
+    raise DataError(f"dataset {name!r} has no split {split!r}; it has {sorted(files)}")
+  path = Path(source_dir) / files[split]
+  if not path.is_file():
+    raise DataError(f"{path}: missing (dataset {name!r}, split {split!r}); set --config.data.source_dir")
+  return read_jsonl(path, pf, af, ds) if fmt == "jsonl" else read_verl_parquet(path, dedup=dedup)
+
+
+@dataclasses.dataclass
+class MathConfig(tfds.core.BuilderConfig):
+  source: str = "gsm8k"
+  source_dir: str = ""
+  dedup: bool = True
+
+
+class DapoMath(tfds.core.GeneratorBasedBuilder):
+  """One builder config per source data set (see `SOURCES`)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        description="Math problems with answers in DAPO format.",
+        features=tfds.features.FeaturesDict({
+            "index": np.int64, "data_source": tfds.features.Text(), "problem": tfds.features.Text(),
+            "prompt": tfds.features.Text(), "answer": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    c = self.builder_config
+    return {split: self._generate_examples(read_source(c.source, split, c.source_dir, dedup=c.dedup))
+            for split in SOURCES[c.source][1]}
+
+  def _generate_examples(self, rows):
+    for row in rows:
+      yield row["index"], row
+
+
+def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = True) -> DapoMath:
+  """The prepared TFDS builder for a source data set (built once into `data_dir`)."""
+  if name not in SOURCES:
+    raise DataError(f"unknown dataset {name!r}; known: {sorted(SOURCES)}")
+  config = MathConfig(name=f"{name}{'' if dedup else '_copies'}", source=name,
+                      source_dir=str(Path(source_dir).absolute()), dedup=dedup)
+  tfds.display_progress_bar(False)
+  builder = DapoMath(config=config, data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare()
+  return builder
+
+
+def read_builder_split(builder, split: str) -> list[dict]:
+  source = builder.as_data_source()[split]
+  rows = []
+  for i in range(len(source)):
+    r = source[i]
+    rows.append({k: (v.decode() if isinstance(v, bytes) else int(v) if isinstance(v, np.integer) else v)
+                 for k, v in r.items()})
+  rows.sort(key=lambda r: r["index"])
+  for r in rows:
+    r["messages"] = json.loads(r["prompt"])
+  return rows

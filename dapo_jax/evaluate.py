@@ -1,0 +1,174 @@
+"""Evaluation: `python -m dapo_jax.evaluate --config=configs/<name>.py --checkpoint=DIR --dataset=aime24 --k=32`.
+
+Samples k responses per problem (temperature 1.0, top-p 0.7 by default, as the paper) and reports, per
+problem and overall: avg@k (mean accuracy), pass@k (the unbiased estimator of Chen et al. 2021, for every
+power of two up to k) and maj@k (an exact majority vote over normalised answers; ties go to the answer
+seen first). `--checkpoint` is a Hugging Face checkpoint directory or a training workdir (its newest
+checkpoint). Writes JSON (`--out`) and prints a table.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+  if n - c < k:
+    return 1.0
+  return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def majority(preds: list[str]) -> str:
+  counts = collections.Counter(preds)
+  best = max(counts.values())
+  return next(p for p in preds if counts[p] == best)
+
+
+def summarize(problems: list[dict], k: int) -> dict:
+  """`problems`: [{"answer", "results": [reward dicts, k of them]}] -> per-problem and overall metrics."""
+  ks = [2**i for i in range(int(math.log2(k)) + 1)] if k >= 1 else []
+  per = []
+  for p in problems:
+    accs = [bool(r["acc"]) for r in p["results"]]
+    preds = [str(r.get("pred", "")) for r in p["results"]]
+    vote = majority(preds)
+    vote_acc = any(r["acc"] for r, pr in zip(p["results"], preds) if pr == vote)
+    row = {"index": p.get("index"), "answer": p["answer"], "correct": sum(accs), "n": len(accs),
+           f"avg@{k}": float(np.mean(accs)), f"maj@{k}": float(vote_acc), "majority_pred": vote}
+    for kk in ks:
+      row[f"pass@{kk}"] = pass_at_k(len(accs), sum(accs), kk)
+    per.append(row)
+  overall = {key: float(np.mean([r[key] for r in per])) for key in per[0] if key.startswith(("avg@", "pass@", "maj@"))}
+  return {"overall": overall, "problems": per}
+
+
+def evaluate_rows(model, tokenizer, rows, score, *, k: int, temperature: float, top_p: float,
+                  max_new_tokens: int, seed: int = 0, batch_prompts: int = 8, workers: int = 2,
+                  reward_name: str = "math_dapo") -> dict:
+  import jax
+  from dapo_jax.rewards import RewardExecutor
+  from dapo_jax.sampling import SamplingParams, generate
+  params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+  problems = []
+  with RewardExecutor(reward_name, workers=workers) as executor:
+    for start in range(0, len(rows), batch_prompts):
+      chunk = rows[start:start + batch_prompts]
+      out = jax.device_get(generate(model, [r["prompt_ids"] for r in chunk], params,
+                                    jax.random.fold_in(jax.random.key(seed), start), num_samples=k))
+      tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
+      texts = [tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
+      results = executor.score(texts, [chunk[i // k]["answer"] for i in range(len(texts))])
+      for j, r in enumerate(chunk):
+        problems.append({"index": r.get("index"), "answer": r["answer"], "results": results[j * k:(j + 1) * k],
+                         "sample": texts[j * k][-300:]})
+  summary = summarize(problems, k)
+  for p, s in zip(problems, summary["problems"]):
+    s["sample"] = p["sample"]
+  return summary
+
+
+def load_policy(checkpoint: str, config, mesh):
+  """(model, tokenizer) from a Hugging Face checkpoint dir or a training workdir."""
+  import jax
+  from dapo_jax import model as M
+  from dapo_jax import tasks
+  from dapo_jax.checkpoint import Checkpointer
+  from dapo_jax.tokenizer import load_tokenizer
+  from dapo_jax.train_step import Trainer
+  from dapo_jax import config_lib
+  path = Path(checkpoint)
+  if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+    model, _ = M.load_hf(path, dtype=config.model.param_dtype, compute_dtype=config.model.dtype, mesh=mesh)
+    return model, load_tokenizer(config.tokenizer.path or path)
+  task = tasks.build(config, path)
+  model = tasks.build_policy(config, task, mesh)
+  trainer = Trainer(model, config_lib.update_config(config), mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          jax.eval_shape(trainer.init_state, model), trainer.state_shardings)
+  restored = Checkpointer(path / "checkpoints").restore_latest(abstract)
+  if restored is None:
+    raise FileNotFoundError(f"{path}: no readable checkpoint under {path / 'checkpoints'}")
+  step, state, _ = restored
+  print(f"loaded {path} checkpoint step {step}")
+  return trainer.model(state), task.tokenizer
+
+
+def eval_rows_for(dataset: str, config, tokenizer):
+  """Held-out rows: 'task' (the config's own eval split) or a source data set name (aime24, math500, ...)."""
+  import os
+  from dapo_jax import tasks
+  from dapo_jax.data import math_datasets as md
+  if dataset == "task":
+    return tasks.build(config, Path(".")).eval_rows
+  split = "test" if "test" in md.SOURCES[dataset][1] else next(iter(md.SOURCES[dataset][1]))
+  builder = md.math_builder(dataset, config.data.source_dir, str(Path(os.path.expanduser(config.data.dir)) / "tfds"))
+  rows = md.read_builder_split(builder, split)
+  for r in rows:
+    r["prompt_ids"] = tasks.encode_prompt(tokenizer, r["messages"], config.data.max_prompt_length)[0]
+  return rows
+
+
+def print_table(summary: dict, dataset: str, k: int):
+  o = summary["overall"]
+  keys = [key for key in o]
+  print(f"\n{dataset}: {len(summary['problems'])} problems x {k} samples")
+  print("| " + " | ".join(keys) + " |")
+  print("|" + "---|" * len(keys))
+  print("| " + " | ".join(f"{100 * o[key]:.1f}" for key in keys) + " |")
+
+
+def main(argv):
+  import jax
+  from absl import flags
+  from dapo_jax import rewards, sharding
+  F = flags.FLAGS
+  config = F.config
+  mesh = sharding.make_mesh(dict(config.mesh))
+  # Built outside `jax.set_mesh`: abstract models carry logical axis names, which are not mesh axes.
+  model, tokenizer = load_policy(F.checkpoint, config, mesh)
+  rows = eval_rows_for(F.dataset, config, tokenizer)
+  with jax.set_mesh(mesh):
+    if F.limit:
+      rows = rows[:F.limit]
+    reward = F.reward or config.reward.name
+    summary = evaluate_rows(model, tokenizer, rows, rewards.get(reward), k=F.k, temperature=F.temperature,
+                            top_p=F.top_p, max_new_tokens=F.max_new_tokens or config.rollout.max_response_length,
+                            seed=F.seed, reward_name=reward)
+  summary.update(dataset=F.dataset, k=F.k, temperature=F.temperature, top_p=F.top_p, checkpoint=F.checkpoint)
+  out = Path(F.out or Path(F.checkpoint) / f"eval_{F.dataset}_k{F.k}.json")
+  out.write_text(json.dumps(summary, indent=2))
+  print_table(summary, F.dataset, F.k)
+  print(f"wrote {out}")
+  return summary
+
+
+def _define_flags():
+  import os
+  from absl import flags
+  from ml_collections import config_flags
+  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+  config_flags.DEFINE_config_file("config", default, "The run's config file.", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A Hugging Face checkpoint dir or a training workdir.", required=True)
+  flags.DEFINE_string("dataset", "task", "'task' (the config's held-out split) or aime24, aime25, amc2023, "
+                      "math500, gsm8k, dapo_aime24.")
+  flags.DEFINE_integer("k", 32, "Samples per problem.")
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+  flags.DEFINE_float("top_p", 0.7, "Nucleus mass.")
+  flags.DEFINE_integer("max_new_tokens", 0, "Token budget (0: the config's max_response_length).")
+  flags.DEFINE_integer("limit", 0, "Evaluate only the first N problems (0: all).")
+  flags.DEFINE_string("reward", "", "Reward name (default: the config's; math_verify for LaTeX answers).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("out", "", "JSON output path (default: in the checkpoint dir).")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

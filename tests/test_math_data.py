@@ -1,0 +1,183 @@
+"""Real math data through TFDS (the files in shared/data), the LaTeX answer checker, and the evaluation
+metrics and command."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dapo_jax.data import math_datasets as md
+from dapo_jax.data.prompts import DAPO_TEMPLATE
+from dapo_jax.evaluate import majority, pass_at_k, summarize
+from dapo_jax.rewards import get
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data is not beside the checkout")
+
+TEMPLATE_TEXT = ("Solve the following math problem step by step. The last line of your response should be of the "
+                 "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
+                 "Remember to put your answer on its own line after \"Answer:\".")
+
+
+def test_template_is_verbatim():
+  assert DAPO_TEMPLATE == TEMPLATE_TEXT
+
+
+@needs_shared
+@pytest.mark.parametrize("name,split,count", [("gsm8k", "train", 7473), ("gsm8k", "test", 1319),
+                                              ("aime24", "test", 30), ("aime25", "test", 30),
+                                              ("amc2023", "test", 40), ("math500", "test", 500),
+                                              ("dapo_aime24", "test", 30)])
+def test_builders_read_the_real_files(tmp_path_factory, name, split, count):
+  data_dir = str(tmp_path_factory.getbasetemp() / "tfds_math")
+  rows = md.read_builder_split(md.math_builder(name, str(SHARED), data_dir), split)
+  assert len(rows) == count
+  first = rows[0]
+  assert first["messages"][0]["role"] == "user"
+  content = first["messages"][0]["content"]
+  assert content.startswith("Solve the following math problem step by step.")
+  assert content.endswith("Remember to put your answer on its own line after \"Answer:\".")
+  if name != "dapo_aime24":
+    assert content == TEMPLATE_TEXT.format(problem=first["problem"])
+  if name == "gsm8k" and split == "test":
+    assert first["answer"] == "18"  # Janet's ducks
+  if name == "dapo_aime24":
+    assert sorted(int(r["answer"]) for r in rows)[:3] == sorted(int(r["answer"]) for r in rows)[:3]
+    assert all(r["data_source"] == "math_dapo" for r in rows)
+
+
+@needs_shared
+def test_dapo_parquet_copies_are_deduplicated_unless_asked(tmp_path):
+  rows = md.read_verl_parquet(SHARED / "dapo" / "aime-2024.parquet")
+  copies = md.read_verl_parquet(SHARED / "dapo" / "aime-2024.parquet", dedup=False)
+  assert len(rows) == 30 and len(copies) == 960
+  assert {r["answer"] for r in rows} == {r["answer"] for r in copies}
+
+
+def test_verl_parquet_written_here(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  msgs = [[{"role": "user", "content": TEMPLATE_TEXT.format(problem=f"What is {i} + 1?")}] for i in range(3)]
+  table = pa.table({"data_source": ["math_dapo"] * 6, "prompt": msgs * 2, "ability": ["MATH"] * 6,
+                    "reward_model": [{"ground_truth": str(i + 1), "style": "rule-lighteval/MATH_v2"}
+                                     for i in range(3)] * 2,
+                    "extra_info": [{"index": str(i)} for i in range(6)]})
+  pq.write_table(table, tmp_path / "dapo-math-17k.parquet")
+  rows = md.read_source("dapo_math17k", "train", tmp_path)
+  assert [r["answer"] for r in rows] == ["1", "2", "3"]
+  assert len(md.read_source("dapo_math17k", "train", tmp_path, dedup=False)) == 6
+  bad = pa.table({"data_source": ["x"], "prompt": [[{"role": "user", "content": "q"}]],
+                  "reward_model": [{"style": "s"}]})
+  pq.write_table(bad, tmp_path / "bad.parquet")
+  with pytest.raises(md.DataError, match=r"bad.parquet: row 0: column 'reward_model' has no 'ground_truth'"):
+    md.read_verl_parquet(tmp_path / "bad.parquet")
+  pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "cols.parquet")
+  with pytest.raises(md.DataError, match=r"missing column\(s\) \['data_source', 'reward_model'\]"):
+    md.read_verl_parquet(tmp_path / "cols.parquet")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+  path = tmp_path / "test.jsonl"
+  path.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2", "answer": "4"}\n{"problem": "3+3"\n')
+  with pytest.raises(md.DataError, match=r"test.jsonl:3: not valid JSON"):
+    md.read_jsonl(path, "problem", "answer", "x")
+  path.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
+  with pytest.raises(md.DataError, match=r"test.jsonl:2: field 'answer' is missing"):
+    md.read_jsonl(path, "problem", "answer", "x")
+  path.write_text('{"question": "q", "answer": "no marker"}\n')
+  with pytest.raises(md.DataError, match=r"test.jsonl:1: field 'answer': no '####'"):
+    md.read_jsonl(path, "question", "answer", "gsm8k")
+  with pytest.raises(md.DataError, match="unknown dataset 'nope'"):
+    md.read_source("nope", "test", tmp_path)
+  with pytest.raises(md.DataError, match="missing \\(dataset 'aime24', split 'test'\\)"):
+    md.read_source("aime24", "test", tmp_path)
+
+
+def test_gsm8k_answer():
+  assert md.gsm8k_answer("so 3 + 4 = <<3+4=7>>7\n#### 1,234") == "1234"
+
+
+@pytest.mark.parametrize("response,truth,acc", [
+    ("Answer: $\\frac{1}{2}$", "\\frac12", True), ("Answer: 0.5", "\\frac{1}{2}", True),
+    ("so $\\boxed{(3, \\pi/2)}$", "\\left( 3, \\frac{\\pi}{2} \\right)", True), ("Answer: 7", "8", False),
+    ("Answer: 1/2", "\\frac{1}{2}", True), ("Answer: \\sqrt{8}", "2\\sqrt{2}", True), ("no answer", "3", False)])
+def test_math_verify_reward(response, truth, acc):
+  out = get("math_verify")(response, truth)
+  assert out["acc"] is acc and out["score"] == (1.0 if acc else -1.0)
+
+
+def test_pass_at_k_and_majority():
+  assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 2) == 1.0
+  np.testing.assert_allclose(pass_at_k(4, 1, 1), 0.25)
+  np.testing.assert_allclose(pass_at_k(4, 1, 2), 0.5)  # 1 - C(3,2)/C(4,2)
+  np.testing.assert_allclose(pass_at_k(10, 3, 4), 1 - (7 * 6 * 5 * 4) / (10 * 9 * 8 * 7))
+  assert majority(["3", "4", "4", "3"]) == "3"  # tie: the first seen
+  res = lambda acc, pred: {"acc": acc, "pred": pred}  # noqa: E731
+  s = summarize([{"answer": "4", "results": [res(False, "3"), res(True, "4"), res(True, "4"), res(False, "5")]},
+                 {"answer": "9", "results": [res(False, "1")] * 4}], k=4)
+  assert s["overall"] == {"avg@4": 0.25, "maj@4": 0.5, "pass@1": 0.25, "pass@2": pytest.approx((5 / 6) / 2),
+                          "pass@4": 0.5}
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_policy(tmp_path_factory):
+  """A random tiny Qwen2 checkpoint with a BPE tokenizer trained here on GSM8K text."""
+  import jax
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  from dapo_jax import model as M
+  from dapo_jax import sharding
+  path = tmp_path_factory.mktemp("tiny_policy")
+  texts = [json.loads(line)["question"] for line in open(SHARED / "gsm8k" / "train.jsonl")][:2000]
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  tok.train_from_iterator(texts + [TEMPLATE_TEXT] * 50, trainers.BpeTrainer(
+      vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(path / "tokenizer.json"))
+  template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+  (path / "tokenizer_config.json").write_text(json.dumps(
+      {"chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+  cfg = M.preset("tiny", vocab_size=tok.get_vocab_size(), eos_token_id=2)
+  M.save_hf(M.init_sharded(cfg, sharding.make_mesh(), seed=0), path)
+  return path
+
+
+@needs_shared
+def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_policy):
+  import jax
+  from configs import default as default_config
+  from dapo_jax import evaluate, sharding
+  from dapo_jax.train import train_and_evaluate
+  c = default_config.get_config()
+  c.data.name, c.data.dir = "math", str(tmp_path / "cache")
+  c.data.source_dir = str(SHARED)
+  c.data.train, c.data.train_split, c.data.eval, c.data.eval_split = "gsm8k", "train", "gsm8k", "test"
+  c.data.max_prompt_length = 256
+  c.model.hf_path = c.tokenizer.path = str(tiny_hf_policy)
+  c.sft.steps = 0
+  c.total_steps = 2
+  c.rollout.group_size, c.rollout.gen_batch_size, c.rollout.train_batch_size = 4, 4, 4
+  c.rollout.max_response_length = 16
+  c.overlong.buffer = 4
+  c.actor.mini_batch_size, c.actor.micro_batch_size = 2, 8
+  c.dynamic_sampling.enable = False  # a random policy never solves GSM8K: no group would disagree
+  c.eval.every, c.eval.before_train = 0, False
+  c.reward.workers = 0
+  c.log.progress = False
+  workdir = tmp_path / "run"
+  train_and_evaluate(c, str(workdir))
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2] and rows[-1]["train/num_gen_batches"] == 1.0
+  mesh = sharding.make_mesh(dict(c.mesh))
+  model, tok = evaluate.load_policy(str(workdir), c, mesh)
+  eval_rows = evaluate.eval_rows_for("gsm8k", c, tok)[:3]
+  with jax.set_mesh(mesh):
+    summary = evaluate.evaluate_rows(model, tok, eval_rows, get("math_dapo"), k=4, temperature=1.0, top_p=0.7,
+                                     max_new_tokens=16, workers=0)
+  assert len(summary["problems"]) == 3 and set(summary["overall"]) == {"avg@4", "maj@4", "pass@1", "pass@2",
+                                                                       "pass@4"}
+  assert summary["problems"][0]["answer"] == "18" and summary["problems"][0]["n"] == 4
