@@ -21,6 +21,7 @@ def get_config(arg=None):
   c.total_steps = 200  # DAPO training steps (one optimizer pass over a filled batch each)
   c.allow_different_config = False  # resume a workdir whose saved config differs
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  c.hardware = ml_collections.ConfigDict({"device_memory_gib": 16.0})  # for the start-up memory check
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "arithmetic"

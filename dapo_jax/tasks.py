@@ -110,6 +110,16 @@ def build(config, workdir: Path) -> Task:
   return task
 
 
+def model_config(config, vocab_size: int | None = None) -> M.ModelConfig:
+  """The policy's ModelConfig from the config alone (a checkpoint's config.json or the preset): nothing built."""
+  m = config.model
+  if m.hf_path:
+    hf, file = M.hf_io.read_hf_config(m.hf_path)
+    return M.ModelConfig.from_hf(hf, source=str(file), param_dtype=m.param_dtype, dtype=m.dtype)
+  extra = {"vocab_size": vocab_size} if vocab_size else {}
+  return M.preset(m.preset, param_dtype=m.param_dtype, dtype=m.dtype, **{**dict(m.overrides), **extra})
+
+
 def build_policy(config, task: Task, mesh) -> M.Transformer:
   m = config.model
   if m.hf_path:

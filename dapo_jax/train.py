@@ -23,6 +23,7 @@ import numpy as np
 
 from dapo_jax import checkpoint as ckpt_lib
 from dapo_jax import config_lib
+from dapo_jax import memory
 from dapo_jax import model as M
 from dapo_jax import sharding
 from dapo_jax.advantages import group_advantages
@@ -146,6 +147,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(dict(config.mesh))
   config_lib.validate(config, mesh)  # before anything is built or compiled
+  estimate = memory.estimate_for_config(config, tasks.model_config(config), dict(mesh.shape))
+  if jax.process_index() == 0:
+    print(f"memory per device (estimate):\n{estimate.table()}")
+  if not estimate.fits:
+    raise config_lib.ConfigValidationError(
+        f"config does not fit: the estimated peak of {estimate.peak / memory.GIB:.1f} GiB per device exceeds 90% "
+        f"of hardware.device_memory_gib={config.hardware.device_memory_gib}; use more devices (mesh), smaller "
+        f"micro-batches (actor.micro_batch_size) or generation batches")
   _check_workdir_config(workdir, config)
   is_main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=is_main)

@@ -181,3 +181,38 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
   assert len(summary["problems"]) == 3 and set(summary["overall"]) == {"avg@4", "maj@4", "pass@1", "pass@2",
                                                                        "pass@4"}
   assert summary["problems"][0]["answer"] == "18" and summary["problems"][0]["n"] == 4
+
+
+def test_paper_configs_and_memory_estimate():
+  from configs import dapo_qwen2_5_0_5b, dapo_qwen2_5_32b, dapo_qwen2_5_math_7b
+  from dapo_jax import config_lib, memory, tasks
+  c = dapo_qwen2_5_32b.get_config()
+  config_lib.validate(c)
+  assert (c.rollout.train_batch_size, c.rollout.group_size, c.rollout.gen_batch_size) == (512, 16, 1536)
+  assert c.rollout.train_batch_size // c.actor.mini_batch_size == 16  # 16 updates per step
+  assert (c.actor.lr, c.actor.weight_decay, c.actor.clip_low, c.actor.clip_high, c.actor.clip_c) == \
+      (1e-6, 0.1, 0.2, 0.28, 10.0)
+  assert (c.rollout.max_response_length, c.overlong.buffer, c.data.max_prompt_length) == (20480, 4096, 2048)
+  assert c.actor.kl_coef == 0.0 and c.actor.loss_agg == "token-mean" and c.eval.top_p == 0.7
+  cfg = tasks.model_config(c)
+  assert cfg.num_params() == 32_763_876_352
+  est = memory.estimate_for_config(c, cfg, {"fsdp": 8, "tensor": 4})
+  np.testing.assert_allclose(est.params, 32_763_876_352 * 4 / 32)
+  np.testing.assert_allclose(est.optimizer, 2 * est.params)
+  assert not est.fits  # materialised attention over 22528 tokens: refused before compiling
+  for mod in (dapo_qwen2_5_math_7b, dapo_qwen2_5_0_5b):
+    config_lib.validate(mod.get_config())
+  small = memory.estimate(tasks.model_config(dapo_qwen2_5_0_5b.get_config()), mesh_shape={"fsdp": 8},
+                          micro_batch_rows=8, gen_rows=64, prompt_len=256, response_len=512, device_gib=80)
+  assert small.fits
+
+
+def test_a_config_that_cannot_fit_is_refused_before_compiling(tmp_path):
+  from configs import dapo_qwen2_5_32b
+  from dapo_jax import config_lib
+  from dapo_jax.train import train_and_evaluate
+  c = dapo_qwen2_5_32b.get_config()
+  c.mesh.tensor = 1  # 8 fake devices here
+  with pytest.raises(config_lib.ConfigValidationError, match="config does not fit: the estimated peak"):
+    train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()

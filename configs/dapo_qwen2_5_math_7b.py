@@ -1,0 +1,24 @@
+"""DAPO on Qwen2.5-Math-7B (verl's test_dapo_7b recipe: the 32B algorithm settings, 2048-token responses with a
+512-token overlong buffer; the Math model's context is 4096).
+
+    python -m dapo_jax.main --config=configs/dapo_qwen2_5_math_7b.py --workdir=DIR \
+        --config.model.hf_path=/path/to/Qwen2.5-Math-7B
+
+Mesh suggestion: 8 x H100 80 GiB on one host, fsdp 8.
+"""
+
+from configs import dapo_qwen2_5_32b
+
+
+def get_config(arg=None):
+  c = dapo_qwen2_5_32b.get_config(arg)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.hardware.device_memory_gib = 80.0
+  c.model.preset = "qwen2.5-math-7b"
+  c.data.max_prompt_length = 1024
+  c.rollout.max_response_length = 2048
+  c.overlong.buffer = 512
+  c.rollout.gen_batch_size, c.rollout.train_batch_size = 96, 32
+  c.actor.mini_batch_size, c.actor.micro_batch_size = 8, 8
+  c.reward.workers = 8
+  return c

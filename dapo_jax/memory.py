@@ -1,0 +1,74 @@
+"""A per-device memory estimate for a config, printed at start-up; a config that cannot fit is refused
+before anything is compiled.
+
+Counts: parameters, AdamW moments and the float32 gradient accumulator (sharded over fsdp x tensor); the
+update step's activations for one micro-batch (no rematerialisation: what a layer's backward needs, the
+materialised attention scores, the logits); the sampler's KV cache for one generation batch. Training and
+sampling do not overlap, so the peak is the state plus the larger of the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from dapo_jax.model.config import ModelConfig
+
+GIB = 2**30
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+  params: float
+  optimizer: float
+  gradients: float
+  activations: float
+  kv_cache: float
+  device_gib: float
+
+  @property
+  def peak(self) -> float:
+    return self.params + self.optimizer + self.gradients + max(self.activations, self.kv_cache)
+
+  @property
+  def fits(self) -> bool:
+    return self.peak <= 0.9 * self.device_gib * GIB
+
+  def table(self) -> str:
+    rows = [("parameters", self.params), ("optimizer (AdamW moments)", self.optimizer),
+            ("gradients (float32)", self.gradients), ("activations (one micro-batch)", self.activations),
+            ("KV cache (one generation batch)", self.kv_cache), ("peak", self.peak)]
+    out = [f"{name:34s} {value / GIB:9.2f} GiB" for name, value in rows]
+    out.append(f"{'device memory':34s} {self.device_gib:9.2f} GiB ({'fits' if self.fits else 'DOES NOT FIT'})")
+    return "\n".join(out)
+
+
+def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_rows: int, prompt_len: int,
+             response_len: int, device_gib: float) -> MemoryEstimate:
+  data = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+  tensor = mesh_shape.get("tensor", 1)
+  shards = mesh_shape.get("fsdp", 1) * tensor
+  n = cfg.num_params()
+  pbytes = jnp.dtype(cfg.param_dtype).itemsize
+  cbytes = jnp.dtype(cfg.dtype).itemsize
+  params = n * pbytes / shards
+  optimizer = 2 * n * pbytes / shards
+  gradients = n * 4 / shards
+  t = prompt_len + response_len
+  rows = max(micro_batch_rows / data, 1)
+  d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  heads = cfg.num_heads / min(tensor, cfg.num_heads)
+  per_layer = t * (10 * d + 3 * f / tensor) * cbytes + 2 * heads * t * t * 4  # scores and probabilities, f32
+  logits = 3 * t * cfg.vocab_size / tensor * 4
+  activations = rows * (l * per_layer + logits)
+  kv_heads = cfg.num_kv_heads / min(tensor, cfg.num_kv_heads)
+  kv_cache = max(gen_rows / data, 1) * 2 * l * kv_heads * cfg.head_dim * t * cbytes
+  return MemoryEstimate(params, optimizer, gradients, activations, kv_cache, device_gib)
+
+
+def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict) -> MemoryEstimate:
+  r = config.rollout
+  return estimate(model_cfg, mesh_shape=mesh_shape, micro_batch_rows=config.actor.micro_batch_size,
+                  gen_rows=r.gen_batch_size * r.group_size, prompt_len=config.data.max_prompt_length,
+                  response_len=r.max_response_length, device_gib=config.hardware.device_memory_gib)
