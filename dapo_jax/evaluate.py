@@ -66,7 +66,7 @@ def evaluate_rows(model, tokenizer, rows, score, *, k: int, temperature: float, 
       texts = [tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
       results = executor.score(texts, [chunk[i // k]["answer"] for i in range(len(texts))])
       for j, r in enumerate(chunk):
-        problems.append({"index": r.get("index"), "answer": r["answer"], "results": results[j * k:(j + 1) * k],
+        problems.append({"index": r.get("index", r.get("id")), "answer": r["answer"], "results": results[j * k:(j + 1) * k],
                          "sample": texts[j * k][-300:]})
   summary = summarize(problems, k)
   for p, s in zip(problems, summary["problems"]):
@@ -146,7 +146,6 @@ def main(argv):
   out.write_text(json.dumps(summary, indent=2))
   print_table(summary, F.dataset, F.k)
   print(f"wrote {out}")
-  return summary
 
 
 def _define_flags():
