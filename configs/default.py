@@ -43,12 +43,15 @@ def get_config(arg=None):
                                                  "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 512})
   c.model.param_dtype = "float32"
   c.model.dtype = "float32"
+  c.model.remat = False  # recompute layers in the backward pass (long sequences)
+  c.model.attention_chunk = 0  # attend in query blocks of this many tokens (0: all at once)
 
   c.sft = ml_collections.ConfigDict({"steps": 400, "batch_size": 64, "lr": 3e-3, "warmup_steps": 30})
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.group_size = 8
   c.rollout.gen_batch_size = 24  # prompts per generation batch
+  c.rollout.gen_chunk_size = 0  # prompts per sampler call within a generation batch (0: all; bounds the KV cache)
   c.rollout.train_batch_size = 16  # prompt groups per training step
   c.rollout.max_response_length = 32
   c.rollout.temperature = 1.0

@@ -44,6 +44,11 @@ def validate(config, mesh=None) -> None:
     if (r.gen_batch_size * r.group_size) % data:
       _fail("rollout.gen_batch_size", f"{r.gen_batch_size} prompts x {r.group_size} responses do not divide over "
             f"the {data} devices of the mesh's data axes")
+  if r.get("gen_chunk_size", 0) < 0:
+    _fail("rollout.gen_chunk_size", f"must be >= 0, got {r.gen_chunk_size}")
+  if mesh is not None and r.get("gen_chunk_size", 0) and (r.gen_chunk_size * r.group_size) % data:
+    _fail("rollout.gen_chunk_size", f"{r.gen_chunk_size} prompts x {r.group_size} responses do not divide over "
+          f"the {data} devices of the mesh's data axes")
   if not 0.0 <= u.clip_low < 1.0:
     _fail("actor.clip_low", f"must be in [0, 1), got {u.clip_low}")
   if u.clip_high < 0.0:

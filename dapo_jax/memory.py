@@ -38,7 +38,7 @@ class MemoryEstimate:
   def table(self) -> str:
     rows = [("parameters", self.params), ("optimizer (AdamW moments)", self.optimizer),
             ("gradients (float32)", self.gradients), ("activations (one micro-batch)", self.activations),
-            ("KV cache (one generation batch)", self.kv_cache), ("peak", self.peak)]
+            ("KV cache (one sampler call)", self.kv_cache), ("peak", self.peak)]
     out = [f"{name:34s} {value / GIB:9.2f} GiB" for name, value in rows]
     out.append(f"{'device memory':34s} {self.device_gib:9.2f} GiB ({'fits' if self.fits else 'DOES NOT FIT'})")
     return "\n".join(out)
@@ -59,9 +59,15 @@ def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_r
   rows = max(micro_batch_rows / data, 1)
   d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
   heads = cfg.num_heads / min(tensor, cfg.num_heads)
-  per_layer = t * (10 * d + 3 * f / tensor) * cbytes + 2 * heads * t * t * 4  # scores and probabilities, f32
+  block = cfg.attention_chunk if cfg.attention_chunk and t % cfg.attention_chunk == 0 else t
+  scores = 2 * heads * block * t * 4  # scores and probabilities in float32, one query block at a time
+  per_layer = t * (10 * d + 3 * f / tensor) * cbytes + scores
   logits = 3 * t * cfg.vocab_size / tensor * 4
-  activations = rows * (l * per_layer + logits)
+  if cfg.remat:  # each layer keeps its input; one layer's working set is live while it is recomputed
+    layers = l * t * d * cbytes + per_layer
+  else:
+    layers = l * per_layer
+  activations = rows * (layers + logits)
   kv_heads = cfg.num_kv_heads / min(tensor, cfg.num_kv_heads)
   kv_cache = max(gen_rows / data, 1) * 2 * l * kv_heads * cfg.head_dim * t * cbytes
   return MemoryEstimate(params, optimizer, gradients, activations, kv_cache, device_gib)
@@ -69,6 +75,7 @@ def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_r
 
 def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict) -> MemoryEstimate:
   r = config.rollout
+  gen_prompts = r.gen_chunk_size or r.gen_batch_size
   return estimate(model_cfg, mesh_shape=mesh_shape, micro_batch_rows=config.actor.micro_batch_size,
-                  gen_rows=r.gen_batch_size * r.group_size, prompt_len=config.data.max_prompt_length,
+                  gen_rows=gen_prompts * r.group_size, prompt_len=config.data.max_prompt_length,
                   response_len=r.max_response_length, device_gib=config.hardware.device_memory_gib)

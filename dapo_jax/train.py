@@ -27,10 +27,10 @@ from dapo_jax import memory
 from dapo_jax import model as M
 from dapo_jax import sharding
 from dapo_jax.advantages import group_advantages
-from dapo_jax.dynamic_sampling import DynamicSampling, GroupAccumulator
+from dapo_jax.dynamic_sampling import DynamicSampling, GroupAccumulator, concat_rows
 from dapo_jax.metrics import MetricWriter, Progress, plot_run
 from dapo_jax.rewards import OverlongShaping, RewardExecutor
-from dapo_jax.sampling import SamplingParams, generate, pad_prompts
+from dapo_jax.sampling import Rollout, SamplingParams, generate
 from dapo_jax.train_step import Batch, Trainer
 from dapo_jax import tasks
 
@@ -85,9 +85,15 @@ class RolloutScorer:
 
   def __call__(self, model, rows: list[dict], rng, timings: dict) -> dict[str, np.ndarray]:
     g = self.config.rollout.group_size
-    prompts = [row["prompt_ids"] for row in rows]
+    size = self.config.rollout.gen_chunk_size or len(rows)
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    parts = []
     with _timed(timings, "gen"):
-      out = jax.device_get(generate(model, prompts, self.params, rng, num_samples=g))
+      for i, chunk in enumerate(chunks):
+        key = rng if len(chunks) == 1 else jax.random.fold_in(rng, i)
+        o = jax.device_get(generate(model, [row["prompt_ids"] for row in chunk], self.params, key, num_samples=g))
+        parts.append({k: np.asarray(v) for k, v in o._asdict().items()})
+    out = Rollout(**concat_rows(parts, left_padded=("prompt_BxP", "prompt_mask_BxP")))
     tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
     with _timed(timings, "reward"):
       texts = [self.task.tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]

@@ -10,6 +10,7 @@ from dapo_jax import sharding
 from dapo_jax.testing import hf_logits, save_tiny_hf_model
 
 ONE_DEVICE = sharding.make_mesh(devices=jax.devices()[:1])
+ONE = ONE_DEVICE
 
 
 def _tokens(b, t, vocab=128, seed=0):
@@ -100,3 +101,26 @@ def test_bfloat16_params_and_compute(tmp_path):
 def test_invalid_config_names_the_field(field, value):
   with pytest.raises(M.ConfigError, match=field if field != "num_heads" else "num_heads"):
     M.preset("tiny", **{field: value})
+
+
+@pytest.mark.parametrize("chunk,remat", [(4, False), (8, True), (0, True)])
+def test_chunked_attention_and_remat_change_nothing(chunk, remat):
+  from flax import nnx
+  cfg = M.preset("tiny")
+  base = M.init_sharded(cfg, ONE, seed=11)
+  other = M.init_sharded(cfg.replace(attention_chunk=chunk, remat=remat), ONE, seed=11)
+  tokens = jnp.asarray(_tokens(2, 16, cfg.vocab_size, seed=4))
+  mask = jnp.ones((2, 16), bool).at[1, :5].set(False)
+
+  def loss(model):
+    return jnp.sum(jnp.where(mask[..., None], jax.nn.log_softmax(model(tokens, attn_mask_BxT=mask)), 0.0) ** 2)
+
+  def value_and_grad(model):
+    graphdef, state = nnx.split(model)
+    return jax.jit(jax.value_and_grad(lambda s: loss(nnx.merge(graphdef, s))))(state)
+
+  (l0, g0), (l1, g1) = value_and_grad(base), value_and_grad(other)
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    a = np.asarray(a)
+    np.testing.assert_allclose(np.asarray(b), a, rtol=1e-4, atol=1e-6 * np.abs(a).max())  # float32 sum order

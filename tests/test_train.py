@@ -180,7 +180,8 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data_dir):
-  config = tiny_config(data_dir, total_steps=50, **{"eval.every": 0, "checkpoint.every": 100})
+  config = tiny_config(data_dir, total_steps=50, **{"eval.every": 0, "checkpoint.every": 100,
+                                                   "rollout.gen_chunk_size": 4})  # 2 sampler calls per batch
   proc = _run(config, tmp_path)
   deadline = time.monotonic() + 600
   metrics = tmp_path / "metrics.jsonl"

@@ -56,6 +56,11 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls; norms, softmax and logits stay float32
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
+  # Execution options (not part of config.json): recompute each layer in the backward pass instead of
+  # keeping its activations, and attend in query blocks of this many tokens (0: all at once) so attention
+  # scores never exist for the whole sequence. Neither changes the numbers.
+  remat: bool = False
+  attention_chunk: int = 0
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -76,6 +81,8 @@ class ModelConfig:
         raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}")
     if self.rope_scaling is not None and self.architecture != "llama":
       raise ConfigError(f"rope_scaling is only implemented for llama, not {self.architecture}")
+    if self.attention_chunk < 0:
+      raise ConfigError(f"attention_chunk must be >= 0, got {self.attention_chunk}")
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 

@@ -161,17 +161,19 @@ def _open(file: Path):
 
 
 def load_hf(path: str | os.PathLike, *, dtype: str = "float32", compute_dtype: str | None = None,
-            mesh: Mesh | None = None, rules: Iterable[tuple[str, Any]] | None = None,
+            mesh: Mesh | None = None, rules: Iterable[tuple[str, Any]] | None = None, **options,
             ) -> tuple[Transformer, ModelConfig]:
   """Loads a Hugging Face Qwen2 / Llama / Qwen3 checkpoint directory into a sharded model.
 
   Parameters are stored in `dtype`; matmuls run in `compute_dtype` (default: `dtype`). With no mesh,
-  every device goes on the fsdp axis.
+  every device goes on the fsdp axis. `options` are execution options of ModelConfig (remat,
+  attention_chunk).
   """
   path = Path(path)
   hf_cfg, cfg_file = read_hf_config(path)
   try:
-    cfg = ModelConfig.from_hf(hf_cfg, source=str(cfg_file), param_dtype=dtype, dtype=compute_dtype or dtype)
+    cfg = ModelConfig.from_hf(hf_cfg, source=str(cfg_file), param_dtype=dtype, dtype=compute_dtype or dtype,
+                              **options)
   except ConfigError as e:
     raise CheckpointError(str(e)) from None
   mesh = mesh if mesh is not None else sharding.make_mesh()

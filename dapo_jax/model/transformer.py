@@ -134,19 +134,33 @@ class Attention(nnx.Module):
       kt_BxKxHxT = jax.lax.dynamic_update_slice(kt_cache, kt_BxKxHxT.astype(kt_cache.dtype), (0, 0, 0, index))
       v_BxKxTxH = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxH.astype(v_cache.dtype), (0, 0, index, 0))
     b, t = x.shape[:2]
-    kvh, g, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-    s = v_BxKxTxH.shape[2]
-    # The G query heads sharing a KV head and the T positions form one matrix per (row, KV head).
-    q_BxKxQxH = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
-    scores = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxQxH, kt_BxKxHxT.astype(dt),
-                        preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
-    scores = scores.reshape(b, kvh, g, t, s)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, g * t, s)
-    out = jnp.einsum("bkqs,bksh->bkqh", probs, v_BxKxTxH.astype(dt))
-    out = out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, hd)
+    chunk = cfg.attention_chunk
+    if kv is None and chunk and t > chunk and t % chunk == 0:
+      # Query blocks, each rematerialised in the backward pass: scores exist for one block at a time.
+      n = t // chunk
+      q_blocks = q.reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)
+      m_blocks = mask_BxTxS.reshape(b, n, chunk, -1).swapaxes(0, 1)
+      attend = jax.checkpoint(lambda args: _attend(cfg, args[0], kt_BxKxHxT, v_BxKxTxH, args[1], dt))
+      out = jax.lax.map(attend, (q_blocks, m_blocks)).swapaxes(0, 1).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    else:
+      out = _attend(cfg, q, kt_BxKxHxT, v_BxKxTxH, mask_BxTxS, dt)
     out_BxTxD = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt))
     return out_BxTxD, (None if kv is None else (kt_BxKxHxT, v_BxKxTxH))
+
+
+def _attend(cfg: ModelConfig, q_BxTxNxH, kt_BxKxHxS, v_BxKxSxH, mask_BxTxS, dt):
+  b, t = q_BxTxNxH.shape[:2]
+  kvh, g, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+  s = v_BxKxSxH.shape[2]
+  # The G query heads sharing a KV head and the T positions form one matrix per (row, KV head).
+  q_BxKxQxH = q_BxTxNxH.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
+  scores = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxQxH, kt_BxKxHxS.astype(dt),
+                      preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+  scores = scores.reshape(b, kvh, g, t, s)
+  scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt).reshape(b, kvh, g * t, s)
+  out = jnp.einsum("bkqs,bksh->bkqh", probs, v_BxKxSxH.astype(dt))
+  return out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, hd)
 
 
 class MLP(nnx.Module):
@@ -233,8 +247,12 @@ class Transformer(nnx.Module):
     cos, sin = jnp.cos(angles_BxTxH2), jnp.sin(angles_BxTxH2)
     new_kv = []
     for i, layer in enumerate(self.layers):
-      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-      x, out_kv = layer(x, cos, sin, mask_BxTxS, layer_kv, None if kv is None else kv[2])
+      if kv is None and cfg.remat:
+        # Keep only each layer's input for the backward pass; recompute the rest.
+        x, out_kv = nnx.remat(lambda blk, h: blk(h, cos, sin, mask_BxTxS))(layer, x)
+      else:
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        x, out_kv = layer(x, cos, sin, mask_BxTxS, layer_kv, None if kv is None else kv[2])
       new_kv.append(out_kv)
     return self.final_norm(x), new_kv
 
