@@ -48,7 +48,7 @@ def summarize(problems: list[dict], k: int) -> dict:
   return {"overall": overall, "problems": per}
 
 
-def evaluate_rows(model, tokenizer, rows, score, *, k: int, temperature: float, top_p: float,
+def evaluate_rows(model, tokenizer, rows, *, k: int, temperature: float, top_p: float,
                   max_new_tokens: int, seed: int = 0, batch_prompts: int = 8, workers: int = 2,
                   reward_name: str = "math_dapo") -> dict:
   import jax
@@ -127,7 +127,7 @@ def print_table(summary: dict, dataset: str, k: int):
 def main(argv):
   import jax
   from absl import flags
-  from dapo_jax import rewards, sharding
+  from dapo_jax import sharding
   F = flags.FLAGS
   config = F.config
   mesh = sharding.make_mesh(dict(config.mesh))
@@ -138,7 +138,7 @@ def main(argv):
     if F.limit:
       rows = rows[:F.limit]
     reward = F.reward or config.reward.name
-    summary = evaluate_rows(model, tokenizer, rows, rewards.get(reward), k=F.k, temperature=F.temperature,
+    summary = evaluate_rows(model, tokenizer, rows, k=F.k, temperature=F.temperature,
                             top_p=F.top_p, max_new_tokens=F.max_new_tokens or config.rollout.max_response_length,
                             seed=F.seed, reward_name=reward)
   summary.update(dataset=F.dataset, k=F.k, temperature=F.temperature, top_p=F.top_p, checkpoint=F.checkpoint)

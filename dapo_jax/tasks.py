@@ -12,7 +12,6 @@ from typing import Callable
 import jax
 
 from dapo_jax import model as M
-from dapo_jax import rewards
 from dapo_jax.data import synthetic
 from dapo_jax.data.iterator import PromptIterator
 from dapo_jax.sft import SFTConfig, pack, train_sft
@@ -24,7 +23,6 @@ class Task:
   tokenizer: Tokenizer
   train_rows: list[dict]  # each: prompt_ids, answer, ...
   eval_rows: list[dict]
-  score: Callable[..., dict]
   demonstrations: Callable[[int, int], list[tuple[list[int], list[int]]]] | None = None
   truncated_prompts: int = 0
 
@@ -70,7 +68,7 @@ def _arithmetic(config, workdir: Path) -> Task:
     return [(by_problem[p], tok.encode(solution) + [tok.eos_id])
             for p, solution, _ in synthetic.demonstrations(task, n, seed)]
 
-  return Task(tok, train, test, rewards.get(config.reward.name), demonstrations, truncated)
+  return Task(tok, train, test, demonstrations, truncated)
 
 
 def _math(config, workdir: Path) -> Task:
@@ -93,8 +91,7 @@ def _math(config, workdir: Path) -> Task:
       out.append({**r, "prompt_ids": ids})
     return out
 
-  return Task(tok, rows(d.train, d.train_split), rows(d.eval, d.eval_split), rewards.get(config.reward.name),
-              None, truncated)
+  return Task(tok, rows(d.train, d.train_split), rows(d.eval, d.eval_split), None, truncated)
 
 
 TASKS = {"arithmetic": _arithmetic, "math": _math}

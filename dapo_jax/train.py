@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from dapo_jax import checkpoint as ckpt_lib
 from dapo_jax import config_lib
 from dapo_jax import memory
-from dapo_jax import model as M
 from dapo_jax import sharding
 from dapo_jax.advantages import group_advantages
 from dapo_jax.dynamic_sampling import DynamicSampling, GroupAccumulator, concat_rows
@@ -112,7 +108,7 @@ class RolloutScorer:
     }
 
 
-def evaluate(model, task: tasks.Task, config, rng) -> dict[str, float]:
+def evaluate(model, task: tasks.Task, config, rng, executor: RewardExecutor) -> dict[str, float]:
   """avg@k (mean accuracy over k samples per problem) and pass@k on the held-out problems."""
   e = config.eval
   rows = task.eval_rows[: e.num_problems]
@@ -121,8 +117,9 @@ def evaluate(model, task: tasks.Task, config, rng) -> dict[str, float]:
                           top_p=e.top_p, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
   out = jax.device_get(generate(model, [r["prompt_ids"] for r in rows], params, rng, num_samples=e.k))
   tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
-  acc = np.asarray([task.score(tok.decode(tokens[i][mask[i]]), rows[i // e.k]["answer"])["acc"]
-                    for i in range(len(tokens))], np.float32).reshape(len(rows), e.k)
+  results = executor.score([tok.decode(tokens[i][mask[i]]) for i in range(len(tokens))],
+                           [rows[i // e.k]["answer"] for i in range(len(tokens))])
+  acc = np.asarray([r["acc"] for r in results], np.float32).reshape(len(rows), e.k)
   return {"val/acc/mean": float(acc.mean()), f"val/acc/mean@{e.k}": float(acc.mean()),
           f"val/pass@{e.k}": float(acc.max(axis=1).mean()),
           "val/response_length/mean": float(np.asarray(out.lengths_B).mean())}
@@ -203,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       timeout_s=config.reward.timeout_s) as executor, _Stop() as stop, jax.set_mesh(mesh):
     scorer = RolloutScorer(config, task, executor, overlong)
     if step == 0 and config.eval.before_train:
-      last_eval = evaluate(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9))
+      last_eval = evaluate(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9), executor)
       writer.write(0, last_eval)
       print(f"step 0: held-out avg@{config.eval.k} {last_eval['val/acc/mean']:.3f}")
     while step < config.total_steps and not stop.requested:
@@ -256,7 +253,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       if config.eval.every and (step % config.eval.every == 0 or step == config.total_steps):
         with _timed(metrics, "testing"):
-          last_eval = evaluate(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9 + step))
+          last_eval = evaluate(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9 + step),
+                               executor)
         metrics.update(last_eval)
       if step % config.checkpoint.every == 0 or step == config.total_steps or stop.requested:
         with _timed(metrics, "save_checkpoint"):

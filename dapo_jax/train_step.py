@@ -205,9 +205,9 @@ class Trainer:
     """This micro-batch's share of the mini-batch loss, and its metric shares."""
     cfg = self.cfg
     model = nnx.merge(self.graphdef, params)
-    need_logits = True  # entropy is always logged
+    # Logits are kept for the entropy metric, which is always logged.
     logp, logits = sequence_logprobs(model, mb.prompt_BxP, mb.prompt_mask_BxP, mb.tokens_BxN, mb.mask_BxN > 0,
-                                     cfg.temperature, with_logits=need_logits)
+                                     cfg.temperature, with_logits=True)
     num_tokens, num_seqs = totals
     loss, metrics = loss_lib.policy_loss(
         logp, mb.old_logp_BxN, mb.adv_B, mb.mask_BxN, clip_low=cfg.clip_low, clip_high=cfg.clip_high,

@@ -124,7 +124,6 @@ def test_pass_at_k_and_majority():
 @pytest.fixture(scope="module")
 def tiny_hf_policy(tmp_path_factory):
   """A random tiny Qwen2 checkpoint with a BPE tokenizer trained here on GSM8K text."""
-  import jax
   import tokenizers
   from tokenizers import decoders, models, pre_tokenizers, trainers
   from dapo_jax import model as M
@@ -177,7 +176,7 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
   model, tok = evaluate.load_policy(str(workdir), c, mesh)
   eval_rows = evaluate.eval_rows_for("gsm8k", c, tok)[:3]
   with jax.set_mesh(mesh):
-    summary = evaluate.evaluate_rows(model, tok, eval_rows, get("math_dapo"), k=4, temperature=1.0, top_p=0.7,
+    summary = evaluate.evaluate_rows(model, tok, eval_rows, k=4, temperature=1.0, top_p=0.7,
                                      max_new_tokens=16, workers=0)
   assert len(summary["problems"]) == 3 and set(summary["overall"]) == {"avg@4", "maj@4", "pass@1", "pass@2",
                                                                        "pass@4"}

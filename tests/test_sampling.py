@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dapo_jax import model as M
 from dapo_jax import sampling, sharding

@@ -1,10 +1,8 @@
 """The update step: micro-batched == whole, sharded == one device, AdamW/clipping/warmup/skip as the reference."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dapo_jax import model as M
 from dapo_jax import sharding
