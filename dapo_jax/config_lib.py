@@ -21,12 +21,15 @@ def _fail(field: str, message: str):
 def validate(config, mesh=None) -> None:
   r, u = config.rollout, config.actor
   for field in ("rollout.group_size", "rollout.gen_batch_size", "rollout.train_batch_size",
-                "rollout.max_response_length", "actor.mini_batch_size", "actor.micro_batch_size", "total_steps"):
+                "rollout.max_response_length", "actor.mini_batch_size", "actor.micro_batch_size"):
     value = config
     for part in field.split("."):
       value = value[part]
     if not isinstance(value, int) or value <= 0:
       _fail(field, f"must be a positive integer, got {value!r}")
+  if not isinstance(config.total_steps, int) or config.total_steps < 0:
+    # 0 is a valid run: the warm start and checkpoint 0, to continue from later.
+    _fail("total_steps", f"must be a non-negative integer, got {config.total_steps!r}")
   if config.dynamic_sampling.enable and r.group_size < 2:
     _fail("rollout.group_size", "dynamic sampling needs groups of at least 2 responses")
   if r.train_batch_size % u.mini_batch_size:

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from dapo_jax import sharding
+from dapo_jax import distributed, sharding
 from dapo_jax.model.transformer import Transformer
 from dapo_jax.sampling import pad_prompts
 
@@ -76,7 +76,7 @@ def train_sft(model: Transformer, mesh: Mesh, cfg: SFTConfig, batches, *, log_ev
   batch_spec = lambda x: NamedSharding(mesh, sharding.logical_to_spec(("batch", None), x.shape, mesh))  # noqa: E731
   loss = None
   for i in range(cfg.steps):
-    batch = tuple(jax.device_put(x, batch_spec(x)) for x in next(batches))
+    batch = tuple(distributed.to_global(x, batch_spec(x)) for x in next(batches))
     params, opt, loss = step(params, opt, batch)
     if log_every and (i + 1) % log_every == 0:
       log(f"sft step {i + 1}/{cfg.steps}: loss {float(loss):.4f}")

@@ -11,6 +11,7 @@ from typing import Callable
 
 import jax
 
+from dapo_jax import distributed
 from dapo_jax import model as M
 from dapo_jax.data import synthetic
 from dapo_jax.data.iterator import PromptIterator
@@ -27,6 +28,7 @@ class Task:
   truncated_prompts: int = 0
 
   def train_iterator(self, seed: int) -> PromptIterator:
+    """Each process reads its block of every global batch."""
     return PromptIterator(self.train_rows, seed, process_index=jax.process_index(),
                           num_processes=jax.process_count())
 
@@ -100,7 +102,12 @@ TASKS = {"arithmetic": _arithmetic, "math": _math}
 def build(config, workdir: Path) -> Task:
   if config.data.name not in TASKS:
     raise ValueError(f"config.data.name={config.data.name!r} is not one of {sorted(TASKS)}")
+  # Process 0 fills the shared caches (TFDS data, the trained tokenizer) first; the others then read them.
+  if not distributed.is_main():
+    distributed.barrier("task caches")
   task = TASKS[config.data.name](config, workdir)
+  if distributed.is_main():
+    distributed.barrier("task caches")
   if task.truncated_prompts:
     logging.warning("%d prompts were longer than data.max_prompt_length=%d and were left-truncated",
                     task.truncated_prompts, config.data.max_prompt_length)
@@ -145,8 +152,9 @@ def warm_start(config, task: Task, model, mesh, workdir: Path):
       i += 1
       yield pack([d[0] for d in demos], [d[1] for d in demos], tok.pad_id, config.rollout.max_response_length)
 
-  print(f"warm start: {s.steps} supervised steps on imperfect demonstrations")
+  log = print if distributed.is_main() else (lambda *_: None)
+  log(f"warm start: {s.steps} supervised steps on imperfect demonstrations")
   model, loss = train_sft(model, mesh, SFTConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                                                  warmup_steps=s.warmup_steps), batches(),
-                          log_every=max(s.steps // 4, 1))
+                          log_every=max(s.steps // 4, 1), log=log)
   return model

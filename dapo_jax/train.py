@@ -20,6 +20,7 @@ import numpy as np
 
 from dapo_jax import checkpoint as ckpt_lib
 from dapo_jax import config_lib
+from dapo_jax import distributed
 from dapo_jax import memory
 from dapo_jax import sharding
 from dapo_jax.advantages import group_advantages
@@ -80,6 +81,8 @@ class RolloutScorer:
                                  top_k=r.top_k, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
 
   def __call__(self, model, rows: list[dict], rng, timings: dict) -> dict[str, np.ndarray]:
+    """`rows` is the whole generation batch (the same on every process); each process scores its block of
+    the responses and the scores are exchanged, so every process returns the same arrays."""
     g = self.config.rollout.group_size
     size = self.config.rollout.gen_chunk_size or len(rows)
     chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
@@ -87,14 +90,15 @@ class RolloutScorer:
     with _timed(timings, "gen"):
       for i, chunk in enumerate(chunks):
         key = rng if len(chunks) == 1 else jax.random.fold_in(rng, i)
-        o = jax.device_get(generate(model, [row["prompt_ids"] for row in chunk], self.params, key, num_samples=g))
+        o = distributed.to_host(generate(model, [row["prompt_ids"] for row in chunk], self.params, key,
+                                         num_samples=g))
         parts.append({k: np.asarray(v) for k, v in o._asdict().items()})
     out = Rollout(**concat_rows(parts, left_padded=("prompt_BxP", "prompt_mask_BxP")))
     tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
     with _timed(timings, "reward"):
       texts = [self.task.tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
       truths = [rows[i // g]["answer"] for i in range(len(tokens))]
-      results = self.executor.score(texts, truths)
+      results = _score_shared(self.executor, texts, truths)
     lengths = np.asarray(out.lengths_B)
     return {
         "prompt_BxP": np.asarray(out.prompt_BxP), "prompt_mask_BxP": np.asarray(out.prompt_mask_BxP),
@@ -108,6 +112,12 @@ class RolloutScorer:
     }
 
 
+def _score_shared(executor: RewardExecutor, texts: list[str], truths: list) -> list[dict]:
+  """Each process scores its block of the responses; every process gets all the results, in order."""
+  block = distributed.share(len(texts))
+  return distributed.gather_list(executor.score(texts[block], truths[block]))
+
+
 def evaluate(model, task: tasks.Task, config, rng, executor: RewardExecutor) -> dict[str, float]:
   """avg@k (mean accuracy over k samples per problem) and pass@k on the held-out problems."""
   e = config.eval
@@ -115,10 +125,10 @@ def evaluate(model, task: tasks.Task, config, rng, executor: RewardExecutor) -> 
   tok = task.tokenizer
   params = SamplingParams(max_new_tokens=config.rollout.max_response_length, temperature=e.temperature,
                           top_p=e.top_p, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-  out = jax.device_get(generate(model, [r["prompt_ids"] for r in rows], params, rng, num_samples=e.k))
+  out = distributed.to_host(generate(model, [r["prompt_ids"] for r in rows], params, rng, num_samples=e.k))
   tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
-  results = executor.score([tok.decode(tokens[i][mask[i]]) for i in range(len(tokens))],
-                           [rows[i // e.k]["answer"] for i in range(len(tokens))])
+  results = _score_shared(executor, [tok.decode(tokens[i][mask[i]]) for i in range(len(tokens))],
+                          [rows[i // e.k]["answer"] for i in range(len(tokens))])
   acc = np.asarray([r["acc"] for r in results], np.float32).reshape(len(rows), e.k)
   return {"val/acc/mean": float(acc.mean()), f"val/acc/mean@{e.k}": float(acc.mean()),
           f"val/pass@{e.k}": float(acc.max(axis=1).mean()),
@@ -139,7 +149,8 @@ def _check_workdir_config(workdir: Path, config) -> None:
       diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
       raise ValueError(f"{workdir} holds a run of another config (fields differ: {diff[:8]}); use another "
                        f"--workdir, or pass --config.allow_different_config=True to resume it anyway")
-  if jax.process_index() == 0:
+  distributed.barrier("read workdir config")  # every process has compared before process 0 rewrites it
+  if distributed.is_main():
     saved.write_text(json.dumps(current, indent=2, sort_keys=True))
 
 
@@ -151,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.make_mesh(dict(config.mesh))
   config_lib.validate(config, mesh)  # before anything is built or compiled
   estimate = memory.estimate_for_config(config, tasks.model_config(config), dict(mesh.shape))
-  if jax.process_index() == 0:
+  if distributed.is_main():
     print(f"memory per device (estimate):\n{estimate.table()}")
   if not estimate.fits:
     raise config_lib.ConfigValidationError(
@@ -159,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"of hardware.device_memory_gib={config.hardware.device_memory_gib}; use more devices (mesh), smaller "
         f"micro-batches (actor.micro_batch_size) or generation batches")
   _check_workdir_config(workdir, config)
-  is_main = jax.process_index() == 0
+  is_main = distributed.is_main()
   writer = MetricWriter(workdir, enabled=is_main)
   base_key = jax.random.key(config.seed)
   timings: dict[str, float] = {}
@@ -189,7 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       iterator.restore(record["data"])
       accumulator.restore(record["carry"])
       logging.info("resumed from %s at step %d", checkpointer.directory, step)
-      print(f"resumed from checkpoint step {step}")
+      if distributed.is_main():
+        print(f"resumed from checkpoint step {step}")
 
   overlong = OverlongShaping(max_len=config.rollout.max_response_length, buffer=config.overlong.buffer,
                              factor=config.overlong.factor, enable=config.overlong.enable,
@@ -202,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step == 0 and config.eval.before_train:
       last_eval = evaluate(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9), executor)
       writer.write(0, last_eval)
-      print(f"step 0: held-out avg@{config.eval.k} {last_eval['val/acc/mean']:.3f}")
+      if is_main:
+        print(f"step 0: held-out avg@{config.eval.k} {last_eval['val/acc/mean']:.3f}")
     while step < config.total_steps and not stop.requested:
       timings = {}
       t_step = time.perf_counter()
@@ -210,7 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       gen_index = 0
       samples = []
       while not accumulator.ready:
-        rows = iterator.next_batch(config.rollout.gen_batch_size)
+        # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
+        rows = distributed.gather_list(iterator.next_batch(config.rollout.gen_batch_size))
         rng = jax.random.fold_in(jax.random.fold_in(base_key, step), gen_index)
         batch = scorer(model_now, rows, rng, timings)
         gen_index += 1
@@ -233,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           sharded = sharded._replace(old_logp_BxN=jax.block_until_ready(old))
       with _timed(timings, "update_actor"):
         state, actor = trainer.update(state, sharded)
-        actor = jax.device_get(actor)
+        actor = distributed.to_host(actor)
       step += 1
 
       sampled = {k: np.concatenate([s[k] for s in samples]) for k in ("lengths_B", "truncated_B", "acc_B")}

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dapo_jax import loss as loss_lib
-from dapo_jax import sharding
+from dapo_jax import distributed, sharding
 from dapo_jax.model.transformer import Transformer
 
 
@@ -180,7 +180,7 @@ class Trainer:
       x = np.asarray(x)
       x = x.reshape((cfg.num_mini_batches, cfg.num_micro_batches, b_total // split) + x.shape[1:])
       spec = sharding.logical_to_spec((None, None, "batch") + (None,) * (x.ndim - 3), x.shape, self.mesh)
-      return jax.device_put(x, NamedSharding(self.mesh, spec))
+      return distributed.to_global(x, NamedSharding(self.mesh, spec))
 
     return Batch(*(put(x) for x in batch))
 

@@ -21,11 +21,6 @@ from dapo_jax.train import train_and_evaluate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("dapo_cache"))
-
-
 def parity_reward(solution_str, ground_truth, **extra):
   """A deterministic reward that is right about half the time whatever the policy, so that groups disagree
   and dynamic sampling keeps some even for an untrained policy."""
@@ -153,8 +148,13 @@ def _run(config, workdir, **popen):
 
 def _final_params(workdir, step):
   from orbax import checkpoint as ocp
-  path = Path(workdir) / "checkpoints" / str(step) / "state"
-  restored = ocp.StandardCheckpointer().restore(path.absolute())
+  path = (Path(workdir) / "checkpoints" / str(step) / "state").absolute()
+  ckptr = ocp.StandardCheckpointer()
+  # Onto this process's first device, whatever topology wrote it (another process count, for one).
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  tree = ckptr.metadata(path).item_metadata.tree
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
+  restored = ckptr.restore(path, target)
   return [np.asarray(x) for x in jax.tree.leaves(restored)]
 
 

@@ -1,0 +1,124 @@
+"""Multi-host JAX: starting the distributed runtime, and moving small host data between processes.
+
+Every process runs the same program (multi-controller JAX). The large state (parameters, optimizer state,
+KV caches, update batches) lives in global `jax.Array`s sharded over all processes' devices. The small host
+data of a step (prompt ids, rewards, dynamic-sampling decisions) is made identical on every process: each
+process reads its own share of the prompts and scores its own share of the responses, and
+`allgather_objects` exchanges the results, so every process takes the same decisions without talking again.
+
+    distributed.initialize()                     # a no-op in a single process
+    x = distributed.to_global(x_host, sharding)  # host array (same on every process) -> global jax.Array
+    y = distributed.to_host(x)                   # global jax.Array -> the whole numpy array on every process
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+# Environment variables by which a launcher says "this is one process of several".
+_CLUSTER_SIGNS = {
+    "SLURM": lambda env: int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env,
+    "Cloud TPU pod": lambda env: "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env,
+    "Open MPI": lambda env: int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1,
+    "JAX_COORDINATOR_ADDRESS": lambda env: "JAX_COORDINATOR_ADDRESS" in env,
+}
+
+
+def detect_cluster(env: dict | None = None) -> str | None:
+  """The launcher that started this process as one of several, or None for a single process."""
+  env = dict(os.environ if env is None else env)
+  for name, present in _CLUSTER_SIGNS.items():
+    if present(env):
+      return name
+  return None
+
+
+def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
+               local_device_ids: Sequence[int] | None = None, mode: str = "auto") -> bool:
+  """Starts `jax.distributed` when asked to (explicit coordinator) or when a cluster launcher is detected.
+
+  mode: "auto" (explicit flags, else a detected launcher, else single process), "on" (always; JAX
+  auto-detects what the flags leave out) or "off". Returns whether the distributed runtime was started.
+  Must run before anything touches a JAX backend.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"distributed mode must be auto, on or off, got {mode!r}")
+  explicit = bool(coordinator_address) or num_processes > 0 or process_id >= 0
+  cluster = detect_cluster()
+  if mode == "off" or (mode == "auto" and not explicit and cluster is None):
+    return False
+  if explicit and not (coordinator_address and num_processes > 0 and process_id >= 0):
+    raise ValueError("multi-host flags: give all of --coordinator_address, --num_processes and --process_id "
+                     f"(got {coordinator_address!r}, {num_processes}, {process_id}), or none to auto-detect")
+  if (os.environ.get("JAX_PLATFORMS", "") or "").split(",")[0] == "cpu":
+    # CPU devices of different processes talk through gloo (TCP); without it cross-process collectives fail.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if explicit:
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+  if local_device_ids is not None:
+    kwargs["local_device_ids"] = list(local_device_ids)
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d (%s), %d local / %d global devices", jax.process_index(),
+               jax.process_count(), cluster or "explicit flags", jax.local_device_count(), jax.device_count())
+  return True
+
+
+def is_main() -> bool:
+  """Process 0 writes logs, metrics and plots; every process takes part in computation and checkpoints."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def share(n: int, index: int | None = None, count: int | None = None) -> slice:
+  """This process's contiguous block of `n` items (the blocks of all processes, in order, are 0..n-1)."""
+  index = jax.process_index() if index is None else index
+  count = jax.process_count() if count is None else count
+  base, extra = divmod(n, count)
+  start = index * base + min(index, extra)
+  return slice(start, start + base + (index < extra))
+
+
+def allgather_objects(obj: Any) -> list:
+  """Every process's `obj` (picklable), in process order, on every process."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  payload = np.frombuffer(pickle.dumps(obj), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int64))).reshape(-1)
+  padded = np.zeros((int(sizes.max()),), np.uint8)
+  padded[:payload.size] = payload
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [pickle.loads(gathered[i, :sizes[i]].tobytes()) for i in range(len(sizes))]
+
+
+def gather_list(local: list) -> list:
+  """Concatenates every process's list, in process order (the inverse of taking `share` blocks)."""
+  return [x for part in allgather_objects(local) for x in part]
+
+
+def to_global(x, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array that is the same on every process -> a global array; each device takes its slice."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(tree):
+  """Global arrays -> numpy on every process (gathering the shards other processes hold)."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else x
+  return jax.tree.map(get, tree)

@@ -1,0 +1,82 @@
+"""Multi-host runs on one machine: 2 processes x 2 CPU devices (gloo collectives, launch/local_multiprocess.sh)
+train exactly as 1 process x 4 devices.
+
+Both continue from the same checkpoint, written by a single process (so a checkpoint moves between process
+counts). The two runs sum gradients in different orders (gloo across processes, in-process otherwise), so
+parameters agree to float32 rounding, not bitwise; everything sampled, scored and kept is identical.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_train import ROOT, _final_params, _flags, tiny_config
+
+STEPS = 3
+
+
+def _env(devices):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+              PYTHONPATH=str(ROOT))
+
+
+def _single(config, workdir):
+  out = subprocess.run([sys.executable, "-m", "dapo_jax.main", *_flags(config, workdir)], cwd=ROOT, env=_env(4),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  return out.stdout
+
+
+def _metrics(workdir):
+  return {r["step"]: r for r in map(json.loads, (Path(workdir) / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+  tmp = tmp_path_factory.mktemp("multihost")
+  config = tiny_config(data_dir, total_steps=0, **{"eval.every": STEPS, "eval.before_train": False,
+                                                    "checkpoint.asynchronous": False})
+  _single(config, tmp / "start")  # the warm start and checkpoint 0
+  for name in ("one", "two"):
+    shutil.copytree(tmp / "start", tmp / name)
+  config.total_steps = STEPS
+  _single(config, tmp / "one")
+  env = dict(_env(2), NUM_PROCESSES="2", DEVICES_PER_PROC="2", PYTHON=sys.executable, LOG_DIR=str(tmp / "logs"))
+  out = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), *_flags(config, tmp / "two")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  logs = "".join((tmp / "logs" / f"proc_{i}.log").read_text()[-2000:] for i in range(2) if
+                 (tmp / "logs" / f"proc_{i}.log").is_file())
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs
+  return tmp, logs
+
+
+def test_two_processes_train_like_one(runs):
+  tmp, logs = runs
+  assert "process 1 of 2 (explicit flags), 2 local / 4 global devices" in logs
+  one, two = _metrics(tmp / "one"), _metrics(tmp / "two")
+  assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+  for step in one:
+    for key in ("train/num_gen_batches", "train/num_trained_groups", "critic/acc/mean", "rollout/acc/mean",
+                "response_length/mean", "critic/advantages/max"):
+      assert one[step][key] == two[step][key], (step, key)
+    for key in ("actor/pg_loss", "actor/entropy", "actor/grad_norm"):
+      np.testing.assert_allclose(one[step][key], two[step][key], rtol=1e-4, atol=1e-6, err_msg=f"{step} {key}")
+  assert one[STEPS]["val/acc/mean"] == two[STEPS]["val/acc/mean"]
+  for a, b in zip(_final_params(tmp / "one", STEPS), _final_params(tmp / "two", STEPS), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
+
+
+def test_only_process_zero_writes_logs(runs):
+  tmp, _ = runs
+  rows = (tmp / "two" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(r)["step"] for r in rows] == list(range(1, STEPS + 1))  # written once, not twice
+  proc1 = (tmp / "logs" / "proc_1.log").read_text()
+  assert "warm start" not in proc1 and "memory per device" not in proc1
+  assert sorted(p.name for p in (tmp / "two" / "checkpoints").iterdir() if p.name.isdigit()) == \
+      [str(s) for s in range(STEPS - 2, STEPS + 1)]
