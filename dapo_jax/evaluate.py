@@ -52,6 +52,7 @@ def evaluate_rows(model, tokenizer, rows, *, k: int, temperature: float, top_p: 
                   max_new_tokens: int, seed: int = 0, batch_prompts: int = 8, workers: int = 2,
                   reward_name: str = "math_dapo") -> dict:
   import jax
+  from dapo_jax import distributed
   from dapo_jax.rewards import RewardExecutor
   from dapo_jax.sampling import SamplingParams, generate
   params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -60,8 +61,8 @@ def evaluate_rows(model, tokenizer, rows, *, k: int, temperature: float, top_p: 
   with RewardExecutor(reward_name, workers=workers) as executor:
     for start in range(0, len(rows), batch_prompts):
       chunk = rows[start:start + batch_prompts]
-      out = jax.device_get(generate(model, [r["prompt_ids"] for r in chunk], params,
-                                    jax.random.fold_in(jax.random.key(seed), start), num_samples=k))
+      out = distributed.to_host(generate(model, [r["prompt_ids"] for r in chunk], params,
+                                         jax.random.fold_in(jax.random.key(seed), start), num_samples=k))
       tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
       texts = [tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
       results = executor.score(texts, [chunk[i // k]["answer"] for i in range(len(texts))])

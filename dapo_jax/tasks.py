@@ -4,12 +4,15 @@ from. `build(config, workdir)` makes them for `config.data.name`."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Callable
 
 import jax
+from flax import nnx
 
 from dapo_jax import distributed
 from dapo_jax import model as M
@@ -138,11 +141,34 @@ def build_policy(config, task: Task, mesh) -> M.Transformer:
   return M.init_sharded(cfg, mesh, seed=config.seed)
 
 
+def warm_start_key(config) -> str:
+  """What determines the warm start's result: the task, tokenizer, model, SFT settings and seed."""
+  c = config.to_dict()
+  parts = {"data": {k: c["data"][k] for k in ("name", "task", "max_prompt_length")}, "tokenizer": c["tokenizer"],
+           "model": c["model"], "sft": {k: v for k, v in c["sft"].items() if k != "cache"}, "seed": c["seed"],
+           "response_length": c["rollout"]["max_response_length"]}
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def warm_start(config, task: Task, model, mesh, workdir: Path):
-  """The supervised warm start (config.sft.steps > 0 and a task with demonstrations)."""
+  """The supervised warm start (config.sft.steps > 0 and a task with demonstrations).
+
+  With `sft.cache`, the result is kept under `data.dir/warm_start/<key>` and reused by every run with the same
+  task, model, SFT settings and seed (the runs of a sweep share it instead of each repeating it).
+  """
   s = config.sft
   if not s.steps or task.demonstrations is None:
     return model
+  log = print if distributed.is_main() else (lambda *_: None)
+  cached = Path(os.path.expanduser(config.data.dir)).absolute() / "warm_start" / warm_start_key(config)
+  if s.cache and cached.is_dir():
+    import orbax.checkpoint as ocp
+    graphdef, state = nnx.split(model)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    with ocp.StandardCheckpointer() as ckptr:
+      state = ckptr.restore(cached, target)
+    log(f"warm start: reused {cached}")
+    return nnx.merge(graphdef, state)
   tok = task.tokenizer
 
   def batches():
@@ -152,9 +178,17 @@ def warm_start(config, task: Task, model, mesh, workdir: Path):
       i += 1
       yield pack([d[0] for d in demos], [d[1] for d in demos], tok.pad_id, config.rollout.max_response_length)
 
-  log = print if distributed.is_main() else (lambda *_: None)
   log(f"warm start: {s.steps} supervised steps on imperfect demonstrations")
   model, loss = train_sft(model, mesh, SFTConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                                                  warmup_steps=s.warmup_steps), batches(),
                           log_every=max(s.steps // 4, 1), log=log)
+  if s.cache:
+    import orbax.checkpoint as ocp
+    try:
+      with ocp.StandardCheckpointer() as ckptr:  # written to a temporary name, then renamed: atomic
+        ckptr.save(cached, nnx.state(model))
+    except (FileExistsError, ValueError) as e:  # a run beside this one saved the same warm start first
+      if not cached.is_dir():
+        raise
+      logging.info("warm start cache %s written meanwhile by another run (%s)", cached, e)
   return model
