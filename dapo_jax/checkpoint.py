@@ -56,10 +56,10 @@ class Checkpointer:
     if wait:
       self.manager.wait_until_finished()
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """(step, state, record) of the newest readable checkpoint, or None when there is none."""
+  def restore_latest(self, abstract_state: Any, *, up_to: int | None = None) -> tuple[int, Any, dict] | None:
+    """(step, state, record) of the newest readable checkpoint (at most step `up_to`), or None."""
     self.manager.wait_until_finished()
-    for step in reversed(self.steps()):
+    for step in reversed([s for s in self.steps() if up_to is None or s <= up_to]):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))

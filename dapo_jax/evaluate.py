@@ -75,8 +75,9 @@ def evaluate_rows(model, tokenizer, rows, *, k: int, temperature: float, top_p: 
   return summary
 
 
-def load_policy(checkpoint: str, config, mesh):
-  """(model, tokenizer) from a Hugging Face checkpoint dir or a training workdir."""
+def load_policy(checkpoint: str, config, mesh, *, step: int | None = None):
+  """(model, tokenizer) from a Hugging Face checkpoint dir or a training workdir (its newest readable
+  checkpoint, or checkpoint `step`)."""
   import jax
   from dapo_jax import model as M
   from dapo_jax import tasks
@@ -93,12 +94,34 @@ def load_policy(checkpoint: str, config, mesh):
   trainer = Trainer(model, config_lib.update_config(config), mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           jax.eval_shape(trainer.init_state, model), trainer.state_shardings)
-  restored = Checkpointer(path / "checkpoints").restore_latest(abstract)
+  checkpointer = Checkpointer(path / "checkpoints")
+  if step is not None and step not in checkpointer.steps():
+    raise FileNotFoundError(f"{path}: no checkpoint step {step} (there are {checkpointer.steps()})")
+  restored = checkpointer.restore_latest(abstract, up_to=step)
   if restored is None:
     raise FileNotFoundError(f"{path}: no readable checkpoint under {path / 'checkpoints'}")
   step, state, _ = restored
   print(f"loaded {path} checkpoint step {step}")
   return trainer.model(state), task.tokenizer
+
+
+def load_run(workdir: str | Path, step: int | None = None):
+  """(config, model, tokenizer, mesh) of a training run: its config as it ran and its newest readable
+  checkpoint (or checkpoint `step`), on a mesh of this process's devices.
+
+      config, model, tokenizer, mesh = evaluate.load_run("runs/default")
+  """
+  import jax
+  import ml_collections
+  from dapo_jax import sharding
+  path = Path(workdir)
+  saved = path / "run_config.json"
+  if not saved.is_file():
+    raise FileNotFoundError(f"{saved}: not a training run directory (no run_config.json)")
+  config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+  mesh = sharding.make_mesh(dict(config.mesh))
+  model, tokenizer = load_policy(str(path), config, mesh, step=step)
+  return config, model, tokenizer, mesh
 
 
 def eval_rows_for(dataset: str, config, tokenizer):

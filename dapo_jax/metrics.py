@@ -42,6 +42,27 @@ def read_metrics(workdir: str | Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def read_samples(workdir: str | Path) -> list[dict]:
+  """The sampled responses a run logged (`log.samples_per_step` a step): step, response, truth, acc, score,
+  length."""
+  path = Path(workdir) / "samples.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def samples_markdown(samples: list[dict], *, step: int | None = None, limit: int = 10, width: int = 120) -> str:
+  """A Markdown table of logged samples (of one step, or the last ones) with their rewards."""
+  chosen = [s for s in samples if step is None or s["step"] == step][-limit:]
+
+  def cell(text):
+    text = str(text).replace("|", "\\|").replace("\n", "⏎ ")
+    return text if len(text) <= width else "…" + text[-width:]
+
+  lines = ["| step | score | acc | length | truth | response (end) |", "|---|---|---|---|---|---|"]
+  lines += [f"| {s['step']} | {s['score']:+.2f} | {int(s['acc'])} | {s['length']} | {cell(s['truth'])} | "
+            f"{cell(s['response'])} |" for s in chosen]
+  return "\n".join(lines)
+
+
 class Progress:
   """One console line per step: a bar, chosen metrics, seconds per step and the ETA."""
 

@@ -80,3 +80,26 @@ def test_only_process_zero_writes_logs(runs):
   assert "warm start" not in proc1 and "memory per device" not in proc1
   assert sorted(p.name for p in (tmp / "two" / "checkpoints").iterdir() if p.name.isdigit()) == \
       [str(s) for s in range(STEPS - 2, STEPS + 1)]
+
+
+def test_process_blocks_of_a_global_batch_are_the_single_process_batch():
+  from dapo_jax.data.iterator import PromptIterator
+  rows = list(range(37))
+  single = PromptIterator(rows, seed=3)
+  hosts = [PromptIterator(rows, seed=3, process_index=i, num_processes=3) for i in range(3)]
+  for n in (6, 9, 12, 30):  # crosses epoch boundaries
+    assert sum((h.next_batch(n) for h in hosts), []) == single.next_batch(n)
+  assert all(h.state() == single.state() for h in hosts)
+
+
+def test_cluster_detection_and_flag_checks():
+  from dapo_jax import distributed
+  assert distributed.detect_cluster({}) is None
+  assert distributed.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None  # one task: no cluster
+  assert distributed.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == "SLURM"
+  assert distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}) == "Cloud TPU pod"
+  assert distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None  # a single-host TPU VM
+  assert distributed.initialize() is False  # nothing asked, nothing detected: single process
+  with pytest.raises(ValueError, match="give all of --coordinator_address, --num_processes and --process_id"):
+    distributed.initialize(coordinator_address="localhost:1234")
+  assert [distributed.share(10, i, 3) for i in range(3)] == [slice(0, 4), slice(4, 7), slice(7, 10)]

@@ -1,0 +1,109 @@
+"""The research workflow: a config's sweep expanded, run (one step a point) and aggregated; the notebooks
+executed on the runs it made."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dapo_jax import sweeps
+from tests.test_train import ROOT
+
+ABLATION = str(ROOT / "configs" / "ablation.py")
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory, data_dir):
+  out_dir = tmp_path_factory.mktemp("sweep")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), f"--config={ABLATION}:smoke",
+                        f"--workdir={out_dir}", "--config.total_steps=1", f"--config.data.dir={data_dir}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out_dir, out.stdout
+
+
+def test_ablation_ladder_accumulates_one_technique_a_rung():
+  points = sweeps.expand(ABLATION)
+  assert len(points) == 18 and len({p.run for p in points}) == 18
+  ladder = [p for p in points if p.overrides["seed"] == 0]
+  assert [p.name for p in ladder] == ["naive_grpo", "overlong_filtering", "clip_higher", "soft_overlong_punishment",
+                                      "token_level_loss", "dynamic_sampling_dapo"]
+  first, last = ladder[0].overrides, ladder[-1].overrides
+  assert (first["actor.clip_high"], first["actor.loss_agg"], first["dynamic_sampling.enable"]) == \
+      (0.2, "seq-mean-token-mean", False)
+  assert not first["overlong.enable"] and not first["overlong.filter"] and ladder[1].overrides["overlong.filter"]
+  # Each rung differs from the one before in the technique it adds.
+  changed = [sorted(k for k in b.overrides if a.overrides.get(k) != b.overrides[k]) for a, b in zip(ladder, ladder[1:])]
+  assert changed == [["overlong.filter"], ["actor.clip_high"], ["overlong.enable", "overlong.filter"],
+                     ["actor.loss_agg"], ["dynamic_sampling.enable"]]
+  # The top rung is the embedded default's DAPO.
+  from configs import default
+  d = default.get_config()
+  assert (d.actor.clip_high, d.actor.loss_agg, d.overlong.enable, d.overlong.filter, d.dynamic_sampling.enable) == \
+      (last["actor.clip_high"], last["actor.loss_agg"], last["overlong.enable"], last["overlong.filter"],
+       last["dynamic_sampling.enable"])
+
+
+def test_sweep_points_are_checked_against_the_config(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text(textwrap.dedent("""
+      from configs import tiny
+      def get_config(arg=None):
+        return tiny.get_config()
+      def sweep(arg=None):
+        return [{"name": "a", "actor.learning_rate": 1.0}]
+  """))
+  with pytest.raises(KeyError, match="no field 'actor.learning_rate'"):
+    sweeps.expand(str(bad))
+  bad.write_text(bad.read_text().replace('"actor.learning_rate": 1.0}]', '"seed": 1}, {"name": "a", "seed": 1}]'))
+  with pytest.raises(ValueError, match="'a.seed1' repeats"):
+    sweeps.expand(str(bad))
+
+
+def test_list_prints_one_command_per_point(tmp_path):
+  out = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), f"--config={ABLATION}",
+                        f"--workdir={tmp_path}", "--list", "--config.total_steps=7"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  lines = out.stdout.strip().splitlines()
+  assert out.returncode == 0 and len(lines) == 18
+  assert lines[0].endswith("--config.dynamic_sampling.enable=False --config.total_steps=7")
+  assert f"--workdir={tmp_path}/naive_grpo.seed0" in lines[0]
+
+
+def test_one_step_sweep_runs_and_aggregates(sweep_dir):
+  out_dir, stdout = sweep_dir
+  manifest = json.loads((out_dir / "sweep.json").read_text())
+  assert [p["run"] for p in manifest["points"]] == [f"{name}.seed0" for name, _ in
+                                                    __import__("configs.ablation").ablation.rungs()]
+  table = json.loads((out_dir / "summary.json").read_text())
+  assert [row["finished"] for row in table] == [1] * 6 and all(row["steps"] == 1 for row in table)
+  assert (out_dir / "sweep.png").stat().st_size > 0
+  assert "| dynamic_sampling_dapo |" in (out_dir / "summary.md").read_text()
+  # The rungs share one supervised warm start: made by the first run, reused by the other five.
+  assert stdout.count("warm start: reused") == 5
+
+
+@pytest.mark.parametrize("name", ["analysis", "quickstart"])
+def test_notebook_executes(name, sweep_dir, monkeypatch):
+  import nbclient
+  import nbformat
+  out_dir, _ = sweep_dir
+  monkeypatch.setenv("DAPO_RUN_DIR", str(out_dir / "dynamic_sampling_dapo.seed0"))
+  monkeypatch.setenv("DAPO_SWEEP_DIR", str(out_dir))
+  monkeypatch.setenv("DAPO_REPO", str(ROOT))
+  monkeypatch.setenv("XLA_FLAGS", "")  # the kernel: one CPU device, as a user's first try
+  monkeypatch.setenv("PYTHONPATH", str(ROOT))
+  nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+  text = "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/markdown", ""))
+                   + str(o.get("data", {}).get("text/plain", "")) for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []))
+  if name == "analysis":
+    assert "| dynamic_sampling_dapo |" in text and "| critic/score/mean |" in text and "| step | score |" in text
+  else:
+    assert "avg@4" in text and "| problem | truth | score |" in text
