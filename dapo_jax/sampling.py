@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dapo_jax.model.transformer import KVCache, Transformer, default_positions
+from dapo_jax.model.transformer import KVCache, KVPart, Transformer, default_positions
 from dapo_jax.sharding import constrain
 
 PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 16384, 32768)
@@ -105,6 +105,12 @@ def sample_token(logits_BxV, rng, params: SamplingParams):
   return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
 
 
+def segment_length(budget: int) -> int:
+  """Generated keys and values live in up to 4 segments of this many slots; a step attends to the prompt and
+  the segments written so far, not to the whole budget (on average 5/8 of it instead of all)."""
+  return budget if budget < 64 else -(-budget // 4)
+
+
 def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, *,
                    params: SamplingParams, num_samples: int, budget: int) -> Rollout:
   model: Transformer = nnx.merge(graphdef, state)
@@ -114,39 +120,55 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_to
   prompt_mask_BxP = prompt_mask_BxP.astype(bool)
   positions_BxP = default_positions(prompt_mask_BxP)
 
-  cache = KVCache.zeros(cfg, b, p + budget)
-  logits_BxPxV, cache = model.forward_with_cache(prompt_BxP, positions_BxP, cache, attn_mask_BxT=prompt_mask_BxP)
-  last_logits_BxV = logits_BxPxV[:, -1]
+  # The prompt is prefilled once per prompt, and its keys and values stay one copy per prompt: each decode
+  # step reads them once for all G samples (KVPart.group), instead of G copies.
+  prefix = KVCache.zeros(cfg, b, p)
+  logits_BxPxV, prefix = model.forward_with_cache(prompt_BxP, positions_BxP, prefix, attn_mask_BxT=prompt_mask_BxP)
+  prefix_parts = [KVPart(kt, v, prompt_mask_BxP, g) for kt, v in zip(prefix.k, prefix.v)]
 
-  # Fan each prompt's prefilled cache out to its G rows: the prompt is computed once, not G times.
   def fan(x):
     return constrain(jnp.repeat(x, g, axis=0), ("batch",) + (None,) * (x.ndim - 1))
 
-  cache = KVCache(tuple(fan(k) for k in cache.k), tuple(fan(v) for v in cache.v), fan(cache.valid_BxS),
-                  cache.index)
-  logits_BxV = fan(last_logits_BxV)
+  logits_BxV = fan(logits_BxPxV[:, -1])
   next_pos_B = fan(jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32))
   bg = b * g
   stop_S = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
+  seg = segment_length(budget)
 
-  def cond(carry):
-    step, _, _, done_B, _, _ = carry
-    return (step < max_new_tokens) & ~jnp.all(done_B)
+  # Generated tokens' keys and values: one array per layer and segment, each written in place inside its own
+  # while_loop while the earlier segments are only read. Decoding stops in any segment once every row is done.
+  carry = (jnp.zeros((), jnp.int32), jnp.full((bg, budget), params.pad_id, jnp.int32),
+           jnp.zeros((bg, budget), jnp.float32), jnp.zeros((bg,), bool), logits_BxV)
+  written = []  # per finished segment: [(kt, v) per layer]
+  for start in range(0, budget, seg):
+    width = min(seg, budget - start)
+    zeros = lambda shape: constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), ("batch", None, None, None))  # noqa: E731
+    current = [(zeros((bg, cfg.num_kv_heads, cfg.head_dim, width)), zeros((bg, cfg.num_kv_heads, width, cfg.head_dim)))
+               for _ in range(cfg.num_layers)]
+    end = start + width
 
-  def body(carry):
-    step, tokens_BxN, logps_BxN, done_B, cache, logits_BxV = carry
-    token_B, logp_B = sample_token(logits_BxV, jax.random.fold_in(rng, step), params)
-    token_B = jnp.where(done_B, params.pad_id, token_B)
-    logp_B = jnp.where(done_B, 0.0, logp_B)
-    tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, token_B[:, None], (0, step))
-    logps_BxN = jax.lax.dynamic_update_slice(logps_BxN, logp_B[:, None], (0, step))
-    done_B = done_B | jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
-    logits_Bx1xV, cache = model.forward_with_cache(token_B[:, None], (next_pos_B + step)[:, None], cache)
-    return step + 1, tokens_BxN, logps_BxN, done_B, cache, logits_Bx1xV[:, 0]
+    def cond(c, end=end):
+      step, _, _, done_B, _, _ = c
+      return (step < jnp.minimum(max_new_tokens, end)) & ~jnp.all(done_B)
 
-  init = (jnp.zeros((), jnp.int32), jnp.full((bg, budget), params.pad_id, jnp.int32),
-          jnp.zeros((bg, budget), jnp.float32), jnp.zeros((bg,), bool), cache, logits_BxV)
-  steps, tokens_BxN, logps_BxN, _, _, _ = jax.lax.while_loop(cond, body, init)
+    def body(c, start=start, width=width, done_segments=tuple(written)):
+      step, tokens_BxN, logps_BxN, done_B, logits_BxV, current = c
+      token_B, logp_B = sample_token(logits_BxV, jax.random.fold_in(rng, step), params)
+      token_B = jnp.where(done_B, params.pad_id, token_B)
+      logp_B = jnp.where(done_B, 0.0, logp_B)
+      tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, token_B[:, None], (0, step))
+      logps_BxN = jax.lax.dynamic_update_slice(logps_BxN, logp_B[:, None], (0, step))
+      done_B = done_B | jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
+      slot = step - start
+      valid_BxW = jnp.broadcast_to(jnp.arange(width)[None] <= slot, (bg, width))
+      parts = [[prefix_parts[i], *(KVPart(kt, v, None) for kt, v in (d[i] for d in done_segments)),
+                KVPart(*current[i], valid_BxW)] for i in range(cfg.num_layers)]
+      logits_BxV, current = model.decode_step(token_B, next_pos_B + step, parts, slot)
+      return step + 1, tokens_BxN, logps_BxN, done_B, logits_BxV, current
+
+    *carry, current = jax.lax.while_loop(cond, body, (*carry, current))
+    written.append(current)
+  steps, tokens_BxN, logps_BxN, _, _ = carry
 
   is_stop_BxN = jnp.any(tokens_BxN[..., None] == stop_S[None, None, :], axis=-1)
   in_range_N = jnp.arange(budget) < steps

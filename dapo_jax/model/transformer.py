@@ -108,9 +108,7 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs)
       self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs)
 
-  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, index=None):
-    """With `kv` = (k_BxKxSxH, v_BxKxSxH), the new keys/values are written at slot `index` and the
-    queries attend over the whole cache; returns (out_BxTxD, (k, v))."""
+  def _qkv(self, x_BxTxD, cos, sin):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     x = x_BxTxD.astype(dt)
@@ -123,8 +121,15 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(dt)[None, None]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, index=None):
+    """With `kv` = (k_BxKxSxH, v_BxKxSxH), the new keys/values are written at slot `index` and the
+    queries attend over the whole cache; returns (out_BxTxD, (k, v))."""
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    x = x_BxTxD.astype(dt)
+    q, k, v = self._qkv(x, cos, sin)
     # Keys are kept transposed, [B, KV, hd, S]: q @ k then needs no transpose of the whole cache per step,
     # which on CPU made decode attention ~4x slower. Values stay [B, KV, S, hd].
     kt_BxKxHxT = k.transpose(0, 2, 3, 1)
@@ -146,6 +151,66 @@ class Attention(nnx.Module):
       out = _attend(cfg, q, kt_BxKxHxT, v_BxKxTxH, mask_BxTxS, dt)
     out_BxTxD = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt))
     return out_BxTxD, (None if kv is None else (kt_BxKxHxT, v_BxKxTxH))
+
+
+  def decode(self, x_Bx1xD, cos, sin, parts, slot):
+    """One new token per row attending over `parts` (see `KVPart`); its key and value are written at `slot`
+    of the last part, the only one that changes. Returns (out_Bx1xD, (kt, v) of the last part)."""
+    dt = jnp.dtype(self.cfg.dtype)
+    q, k, v = self._qkv(x_Bx1xD.astype(dt), cos, sin)
+    last = parts[-1]
+    kt = jax.lax.dynamic_update_slice(last.kt, k.transpose(0, 2, 3, 1).astype(last.kt.dtype), (0, 0, 0, slot))
+    vv = jax.lax.dynamic_update_slice(last.v, v.transpose(0, 2, 1, 3).astype(last.v.dtype), (0, 0, slot, 0))
+    out = _attend_parts(self.cfg, q, (*parts[:-1], last._replace(kt=kt, v=vv)), dt)
+    return jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt)), (kt, vv)
+
+
+class KVPart(NamedTuple):
+  """A block of cached keys [B', KV, hd, S] and values [B', KV, S, hd] that decoding queries attend to, with
+  `valid_BxS` ([B', S] bool, or None when every slot is real).
+
+  `group` query rows share one cached row (B' = B / group): the prompt's keys and values are kept once per
+  prompt for its G samples, read once per step for all of them, and never copied G times.
+  """
+  kt: jax.Array
+  v: jax.Array
+  valid_BxS: jax.Array | None
+  group: int = 1
+
+
+def _attend_parts(cfg: ModelConfig, q_Bx1xNxH, parts, dt):
+  """Softmax attention of one query per row over the concatenation of `parts`, part by part: equal to
+  attending over one cache holding them all, without building it."""
+  b = q_Bx1xNxH.shape[0]
+  kvh, r, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+  q_BxKxRxH = q_Bx1xNxH.reshape(b, kvh, r, hd)
+
+  def grouped(x_BxKxRxY, g):  # [B, KV, R, Y] -> [B/g, KV, g*R, Y]: a shared row's G queries in one matrix
+    y = x_BxKxRxY.shape[-1]
+    return x_BxKxRxY.reshape(b // g, g, kvh, r, y).transpose(0, 2, 1, 3, 4).reshape(b // g, kvh, g * r, y)
+
+  def ungrouped(x_BgxKxQxY, g):
+    y = x_BgxKxQxY.shape[-1]
+    return x_BgxKxQxY.reshape(b // g, kvh, g, r, y).transpose(0, 2, 1, 3, 4).reshape(b, kvh, r, y)
+
+  scores, sizes = [], []
+  for part in parts:
+    g = part.group
+    s = jnp.einsum("bkqh,bkhs->bkqs", grouped(q_BxKxRxH, g), part.kt.astype(dt),
+                   preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
+    s = ungrouped(s, g)
+    if part.valid_BxS is not None:
+      valid = part.valid_BxS if g == 1 else jnp.repeat(part.valid_BxS, g, axis=0)
+      s = jnp.where(valid[:, None, None, :], s, jnp.finfo(jnp.float32).min)
+    scores.append(s)
+    sizes.append(s.shape[-1])
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dt)
+  out, start = 0.0, 0
+  for part, size in zip(parts, sizes):
+    p = grouped(probs[..., start:start + size], part.group)
+    out = out + ungrouped(jnp.einsum("bkqs,bksh->bkqh", p, part.v.astype(dt)), part.group)
+    start += size
+  return out.reshape(b, 1, cfg.num_heads, hd)
 
 
 def _attend(cfg: ModelConfig, q_BxTxNxH, kt_BxKxHxS, v_BxKxSxH, mask_BxTxS, dt):
@@ -195,6 +260,12 @@ class Block(nnx.Module):
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)).astype(x_BxTxD.dtype)
     return constrain(x_BxTxD, ("batch", "length", "act_embed")), kv
 
+  def decode(self, x_Bx1xD, cos, sin, parts, slot):
+    h, kv = self.attn.decode(self.attn_norm(x_Bx1xD), cos, sin, parts, slot)
+    x_Bx1xD = x_Bx1xD + h.astype(x_Bx1xD.dtype)
+    x_Bx1xD = x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD)).astype(x_Bx1xD.dtype)
+    return constrain(x_Bx1xD, ("batch", "length", "act_embed")), kv
+
 
 class Transformer(nnx.Module):
   """`model(tokens_BxT)` -> float32 logits_BxTxV.
@@ -239,12 +310,26 @@ class Transformer(nnx.Module):
     k, v = zip(*kvs)
     return self.logits(x), KVCache(tuple(k), tuple(v), valid_BxS, cache.index + t)
 
-  def _body(self, tokens_BxT, positions_BxT, mask_BxTxS, kv):
+  def decode_step(self, token_B, position_B, parts_per_layer, slot):
+    """The sampler's step: one token per row attending over each layer's `KVPart`s, its keys and values
+    written at `slot` of each layer's last part. Returns (logits_BxV, [(kt, v) of each layer's last part])."""
+    x, cos, sin = self._embed(token_B[:, None], position_B[:, None])
+    new_kv = []
+    for layer, parts in zip(self.layers, parts_per_layer):
+      x, kv = layer.decode(x, cos, sin, parts, slot)
+      new_kv.append(kv)
+    return self.logits(self.final_norm(x))[:, 0], new_kv
+
+  def _embed(self, tokens_BxT, positions_BxT):
     cfg = self.cfg
     x = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
     x = constrain(x, ("batch", "length", "act_embed"))
     angles_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)[None, None]
-    cos, sin = jnp.cos(angles_BxTxH2), jnp.sin(angles_BxTxH2)
+    return x, jnp.cos(angles_BxTxH2), jnp.sin(angles_BxTxH2)
+
+  def _body(self, tokens_BxT, positions_BxT, mask_BxTxS, kv):
+    cfg = self.cfg
+    x, cos, sin = self._embed(tokens_BxT, positions_BxT)
     new_kv = []
     for i, layer in enumerate(self.layers):
       if kv is None and cfg.remat:
