@@ -108,7 +108,7 @@ def sample_token(logits_BxV, rng, params: SamplingParams):
 def segment_length(budget: int) -> int:
   """Generated keys and values live in up to 4 segments of this many slots; a step attends to the prompt and
   the segments written so far, not to the whole budget (on average 5/8 of it instead of all)."""
-  return budget if budget < 64 else -(-budget // 4)
+  return budget if budget < 32 else -(-budget // 4)
 
 
 def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, *,

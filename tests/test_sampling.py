@@ -49,7 +49,8 @@ def test_mixed_length_batch_equals_each_prompt_alone(hf_and_ours):
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
 def test_logprobs_equal_teacher_forced_forward(hf_and_ours, temperature, top_k, top_p):
   _, ours = hf_and_ours
-  params = SamplingParams(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=(3,))
+  # 20 tokens: a budget of 32, decoded in 4 segments of 8 (sampling.segment_length).
+  params = SamplingParams(max_new_tokens=20, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=(3,))
   out = generate(ours, PROMPTS, params, jax.random.key(1), num_samples=3)
   full = jnp.concatenate([out.prompt_BxP, out.tokens_BxN], axis=1)
   mask = jnp.concatenate([out.prompt_mask_BxP, out.mask_BxN], axis=1)
