@@ -5,6 +5,7 @@ process finds the others by itself; elsewhere pass --coordinator_address, --num_
 (see launch/). Every process runs this same program; process 0 writes the logs, metrics and plots.
 """
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -22,9 +23,17 @@ flags.DEFINE_integer("process_id", -1, "This process's index in [0, num_processe
 FLAGS = flags.FLAGS
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Orbax logs every save and restore step at INFO; keep its warnings, and its INFO with --verbosity=1."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or logging.get_verbosity() >= 1 or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   from dapo_jax import distributed  # after flag parsing: importing jax reads XLA_FLAGS
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, mode=FLAGS.distributed)
   from dapo_jax import train
