@@ -3,7 +3,8 @@
     python launch/sweep.py --config=configs/ablation.py --workdir=runs/ablation
     python launch/sweep.py --config=configs/ablation.py:smoke --workdir=/tmp/ablation   # 1 step each (CI)
 
-Each rung adds one technique to the one before; the last is the embedded default's DAPO. All rungs start
+Each rung adds one technique to the one before; the last is the embedded default's DAPO with 4 updates per
+rollout batch (the clip range only acts on updates after the first) at half its learning rate. All rungs start
 from the same supervised warm start per seed (cached, `sft.cache`), train the same number of steps and are
 compared on held-out avg@4 at the end. No rung has a KL term (DAPO drops it; keeping it for the baseline
 would need a reference model and change two things at once). "Soft overlong punishment" replaces overlong
@@ -34,8 +35,13 @@ def get_config(arg=None):
   """arg "smoke": the tiny config's sizes (seconds a run), for CI."""
   c = tiny.get_config() if arg == "smoke" else default.get_config()
   if arg != "smoke":
-    c.total_steps = 100
+    c.total_steps = 80
     c.eval.every = 20
+  # Several updates per rollout batch, as the paper (16): with one, the policy that sampled is the one updated,
+  # every ratio is 1 and the clip range (clip-higher's rung) never acts.
+  c.actor.mini_batch_size = c.rollout.train_batch_size // 4
+  c.actor.micro_batch_size = min(c.actor.micro_batch_size, c.actor.mini_batch_size * c.rollout.group_size)
+  c.actor.lr = c.actor.lr / 2
   c.sft.cache = True
   return c
 

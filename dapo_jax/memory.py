@@ -45,7 +45,7 @@ class MemoryEstimate:
 
 
 def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_rows: int, prompt_len: int,
-             response_len: int, device_gib: float) -> MemoryEstimate:
+             response_len: int, device_gib: float, group_size: int = 1) -> MemoryEstimate:
   data = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
   tensor = mesh_shape.get("tensor", 1)
   shards = mesh_shape.get("fsdp", 1) * tensor
@@ -69,7 +69,9 @@ def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_r
     layers = l * per_layer
   activations = rows * (layers + logits)
   kv_heads = cfg.num_kv_heads / min(tensor, cfg.num_kv_heads)
-  kv_cache = max(gen_rows / data, 1) * 2 * l * kv_heads * cfg.head_dim * t * cbytes
+  # The sampler keeps a prompt's keys and values once for its `group_size` rows, generated ones per row.
+  slots = prompt_len / group_size + response_len
+  kv_cache = max(gen_rows / data, 1) * 2 * l * kv_heads * cfg.head_dim * slots * cbytes
   return MemoryEstimate(params, optimizer, gradients, activations, kv_cache, device_gib)
 
 
@@ -78,4 +80,5 @@ def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict) -> Mem
   gen_prompts = r.gen_chunk_size or r.gen_batch_size
   return estimate(model_cfg, mesh_shape=mesh_shape, micro_batch_rows=config.actor.micro_batch_size,
                   gen_rows=gen_prompts * r.group_size, prompt_len=config.data.max_prompt_length,
-                  response_len=r.max_response_length, device_gib=config.hardware.device_memory_gib)
+                  response_len=r.max_response_length, device_gib=config.hardware.device_memory_gib,
+                  group_size=r.group_size)
