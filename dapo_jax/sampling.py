@@ -98,7 +98,9 @@ def sample_token(logits_BxV, rng, params: SamplingParams):
     logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
     # Inverse-CDF sampling: one uniform per row instead of a Gumbel draw per vocabulary entry (the RNG was
     # ~10% of a decode step on CPU). u lies in (0, total], so zero-probability entries are never picked.
-    cdf_BxV = jnp.cumsum(jax.nn.softmax(_filter_logits(scaled_BxV, params), axis=-1), axis=-1)
+    truncated = params.top_k or params.top_p < 1.0
+    probs_BxV = jax.nn.softmax(_filter_logits(scaled_BxV, params), axis=-1) if truncated else jnp.exp(logp_BxV)
+    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
     u_B = (1.0 - jax.random.uniform(rng, cdf_BxV.shape[:1])) * cdf_BxV[:, -1]
     token_B = jnp.minimum(jnp.sum(cdf_BxV < u_B[:, None], axis=-1), cdf_BxV.shape[-1] - 1)
   token_B = token_B.astype(jnp.int32)
