@@ -88,8 +88,9 @@ def _filter_logits(logits_BxV, params: SamplingParams):
   return logits_BxV
 
 
-def sample_token(logits_BxV, rng, params: SamplingParams):
-  """(token_B, logprob_B): the pick and its log-probability under log_softmax(logits / T)."""
+def sample_token(logits_BxV, uniform_B, params: SamplingParams):
+  """(token_B, logprob_B): the pick (by inverse CDF from `uniform_B` in [0, 1)) and its log-probability
+  under log_softmax(logits / T)."""
   if params.greedy:
     token_B = jnp.argmax(logits_BxV, axis=-1)
     logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
@@ -101,7 +102,7 @@ def sample_token(logits_BxV, rng, params: SamplingParams):
     truncated = params.top_k or params.top_p < 1.0
     probs_BxV = jax.nn.softmax(_filter_logits(scaled_BxV, params), axis=-1) if truncated else jnp.exp(logp_BxV)
     cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
-    u_B = (1.0 - jax.random.uniform(rng, cdf_BxV.shape[:1])) * cdf_BxV[:, -1]
+    u_B = (1.0 - uniform_B) * cdf_BxV[:, -1]
     token_B = jnp.minimum(jnp.sum(cdf_BxV < u_B[:, None], axis=-1), cdf_BxV.shape[-1] - 1)
   token_B = token_B.astype(jnp.int32)
   return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
@@ -144,6 +145,10 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_to
   written = []  # per finished segment: [(kt, v) per layer]
   for start in range(0, budget, seg):
     width = min(seg, budget - start)
+    # The segment's random numbers in one draw before its loop: per-step draws cost two small threefry loops
+    # a token. A step's numbers depend on the key and the step only, whatever the segmentation.
+    uniform_WxB = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (bg,)))(start + jnp.arange(width))
+    uniform_WxB = constrain(uniform_WxB, (None, "batch"))
     zeros = lambda shape: constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), ("batch", None, None, None))  # noqa: E731
     current = [(zeros((bg, cfg.num_kv_heads, cfg.head_dim, width)), zeros((bg, cfg.num_kv_heads, width, cfg.head_dim)))
                for _ in range(cfg.num_layers)]
@@ -153,15 +158,16 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_to
       step, _, _, done_B, _, _ = c
       return (step < jnp.minimum(max_new_tokens, end)) & ~jnp.all(done_B)
 
-    def body(c, start=start, width=width, done_segments=tuple(written)):
+    def body(c, start=start, width=width, done_segments=tuple(written), uniform_WxB=uniform_WxB):
       step, tokens_BxN, logps_BxN, done_B, logits_BxV, current = c
-      token_B, logp_B = sample_token(logits_BxV, jax.random.fold_in(rng, step), params)
+      slot = step - start
+      token_B, logp_B = sample_token(logits_BxV, jax.lax.dynamic_index_in_dim(uniform_WxB, slot, keepdims=False),
+                                     params)
       token_B = jnp.where(done_B, params.pad_id, token_B)
       logp_B = jnp.where(done_B, 0.0, logp_B)
       tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, token_B[:, None], (0, step))
       logps_BxN = jax.lax.dynamic_update_slice(logps_BxN, logp_B[:, None], (0, step))
       done_B = done_B | jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
-      slot = step - start
       valid_BxW = jnp.broadcast_to(jnp.arange(width)[None] <= slot, (bg, width))
       parts = [[prefix_parts[i], *(KVPart(kt, v, None) for kt, v in (d[i] for d in done_segments)),
                 KVPart(*current[i], valid_BxW)] for i in range(cfg.num_layers)]
