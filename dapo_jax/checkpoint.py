@@ -77,3 +77,24 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def save_tree(path: str | Path, tree: Any) -> bool:
+  """Writes a pytree of (sharded) arrays to `path` (a temporary name, then renamed: atomic). Returns False,
+  writing nothing, when `path` already exists (another run wrote it first)."""
+  path = Path(path).absolute()
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(path, tree)
+  except ValueError:  # orbax: "Destination ... already exists"
+    if not path.is_dir():
+      raise
+    return False
+  return True
+
+
+def restore_tree(path: str | Path, like: Any) -> Any:
+  """Reads what `save_tree` wrote, with the shapes, dtypes and shardings of `like`'s arrays."""
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(Path(path).absolute(), target)

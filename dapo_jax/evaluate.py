@@ -111,7 +111,6 @@ def load_run(workdir: str | Path, step: int | None = None):
 
       config, model, tokenizer, mesh = evaluate.load_run("runs/default")
   """
-  import jax
   import ml_collections
   from dapo_jax import sharding
   path = Path(workdir)

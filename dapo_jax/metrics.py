@@ -108,11 +108,24 @@ def plot_run(workdir: str | Path, out: str | Path | None = None) -> Path | None:
       if pts:
         ax.plot(*zip(*pts), marker="o" if key.startswith("val/") else None, markersize=3, label=key)
     ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    style_axes(ax, legend_size=7)
+  return save_figure(fig, out or Path(workdir) / "curves.png")
+
+
+def style_axes(ax, ylabel: str | None = None, legend_size: int = 8):
+  """The look every run and sweep plot shares: steps on x, a light grid, a small legend."""
+  ax.set_xlabel("step")
+  if ylabel:
+    ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=legend_size)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+  import matplotlib.pyplot as plt
   fig.tight_layout()
-  out = Path(out or Path(workdir) / "curves.png")
+  out = Path(out)
   fig.savefig(out, dpi=110)
   plt.close(fig)
   return out

@@ -114,6 +114,10 @@ def segment_length(budget: int) -> int:
   return budget if budget < 32 else -(-budget // 4)
 
 
+def _batch_zeros(cfg, shape):
+  return constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), ("batch",) + (None,) * (len(shape) - 1))
+
+
 def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, *,
                    params: SamplingParams, num_samples: int, budget: int) -> Rollout:
   model: Transformer = nnx.merge(graphdef, state)
@@ -149,9 +153,8 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_to
     # a token. A step's numbers depend on the key and the step only, whatever the segmentation.
     uniform_WxB = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (bg,)))(start + jnp.arange(width))
     uniform_WxB = constrain(uniform_WxB, (None, "batch"))
-    zeros = lambda shape: constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), ("batch", None, None, None))  # noqa: E731
-    current = [(zeros((bg, cfg.num_kv_heads, cfg.head_dim, width)), zeros((bg, cfg.num_kv_heads, width, cfg.head_dim)))
-               for _ in range(cfg.num_layers)]
+    current = [(_batch_zeros(cfg, (bg, cfg.num_kv_heads, cfg.head_dim, width)),
+                _batch_zeros(cfg, (bg, cfg.num_kv_heads, width, cfg.head_dim))) for _ in range(cfg.num_layers)]
     end = start + width
 
     def cond(c, end=end):

@@ -18,11 +18,11 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from dapo_jax.metrics import read_metrics
+from dapo_jax.metrics import read_metrics, save_figure, style_axes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,15 +153,8 @@ def plot(sweep_dir: str | Path, key: str = "val/acc/mean", out: str | Path | Non
     values = np.asarray([[c[s] for s in steps] for c in curves])
     ax.plot(steps, values.mean(axis=0), marker="o", markersize=3, label=name)
     ax.fill_between(steps, values.min(axis=0), values.max(axis=0), alpha=0.15)
-  ax.set_xlabel("step")
-  ax.set_ylabel(key)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  out = Path(out or Path(sweep_dir) / "sweep.png")
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
-  return out
+  style_axes(ax, ylabel=key)
+  return save_figure(fig, out or Path(sweep_dir) / "sweep.png")
 
 
 def shell_line(argv: Sequence[str]) -> str:

@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 from flax import nnx
 
-from dapo_jax import distributed
+from dapo_jax import checkpoint, distributed
 from dapo_jax import model as M
 from dapo_jax.data import synthetic
 from dapo_jax.data.iterator import PromptIterator
@@ -162,13 +162,9 @@ def warm_start(config, task: Task, model, mesh, workdir: Path):
   log = print if distributed.is_main() else (lambda *_: None)
   cached = Path(os.path.expanduser(config.data.dir)).absolute() / "warm_start" / warm_start_key(config)
   if s.cache and cached.is_dir():
-    import orbax.checkpoint as ocp
     graphdef, state = nnx.split(model)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    with ocp.StandardCheckpointer() as ckptr:
-      state = ckptr.restore(cached, target)
     log(f"warm start: reused {cached}")
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, checkpoint.restore_tree(cached, state))
   tok = task.tokenizer
 
   def batches():
@@ -182,13 +178,6 @@ def warm_start(config, task: Task, model, mesh, workdir: Path):
   model, loss = train_sft(model, mesh, SFTConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                                                  warmup_steps=s.warmup_steps), batches(),
                           log_every=max(s.steps // 4, 1), log=log)
-  if s.cache:
-    import orbax.checkpoint as ocp
-    try:
-      with ocp.StandardCheckpointer() as ckptr:  # written to a temporary name, then renamed: atomic
-        ckptr.save(cached, nnx.state(model))
-    except (FileExistsError, ValueError) as e:  # a run beside this one saved the same warm start first
-      if not cached.is_dir():
-        raise
-      logging.info("warm start cache %s written meanwhile by another run (%s)", cached, e)
+  if s.cache and not checkpoint.save_tree(cached, nnx.state(model)):
+    logging.info("warm start cache %s was written meanwhile by another run", cached)
   return model

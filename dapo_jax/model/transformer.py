@@ -21,7 +21,6 @@ from dapo_jax.model.config import ModelConfig
 from dapo_jax.sharding import constrain
 
 _INIT = nnx.initializers.normal(stddev=0.02)
-FUSED_DECODE = True
 
 
 def _param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
@@ -164,12 +163,11 @@ class Attention(nnx.Module):
     out_BxTxD = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt))
     return out_BxTxD, (None if kv is None else (kt_BxKxHxT, v_BxKxTxH))
 
-
   def decode(self, x_Bx1xD, cos, sin, parts, slot):
     """One new token per row attending over `parts` (see `KVPart`); its key and value are written at `slot`
     of the last part, the only one that changes. Returns (out_Bx1xD, (kt, v) of the last part)."""
     dt = jnp.dtype(self.cfg.dtype)
-    q, k, v = self._qkv(x_Bx1xD.astype(dt), cos, sin, fused=FUSED_DECODE)
+    q, k, v = self._qkv(x_Bx1xD.astype(dt), cos, sin, fused=True)
     last = parts[-1]
     kt = jax.lax.dynamic_update_slice(last.kt, k.transpose(0, 2, 3, 1).astype(last.kt.dtype), (0, 0, 0, slot))
     vv = jax.lax.dynamic_update_slice(last.v, v.transpose(0, 2, 1, 3).astype(last.v.dtype), (0, 0, slot, 0))
@@ -279,7 +277,7 @@ class Block(nnx.Module):
   def decode(self, x_Bx1xD, cos, sin, parts, slot):
     h, kv = self.attn.decode(self.attn_norm(x_Bx1xD), cos, sin, parts, slot)
     x_Bx1xD = x_Bx1xD + h.astype(x_Bx1xD.dtype)
-    x_Bx1xD = x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD), fused=FUSED_DECODE).astype(x_Bx1xD.dtype)
+    x_Bx1xD = x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD), fused=True).astype(x_Bx1xD.dtype)
     return constrain(x_Bx1xD, ("batch", "length", "act_embed")), kv
 
 
