@@ -144,6 +144,9 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_to
 
   # Generated tokens' keys and values: one array per layer and segment, each written in place inside its own
   # while_loop while the earlier segments are only read. Decoding stops in any segment once every row is done.
+  # (Joining the finished segments into one array between loops, for fewer parts a step, measured no faster
+  # and holds up to 1.75x the keys and values while joining.)
+  rope_table = model.rope_table(p + budget)
   carry = (jnp.zeros((), jnp.int32), jnp.full((bg, budget), params.pad_id, jnp.int32),
            jnp.zeros((bg, budget), jnp.float32), jnp.zeros((bg,), bool), logits_BxV)
   written = []  # per finished segment: [(kt, v) per layer]
@@ -172,9 +175,9 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_to
       logps_BxN = jax.lax.dynamic_update_slice(logps_BxN, logp_B[:, None], (0, step))
       done_B = done_B | jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
       valid_BxW = jnp.broadcast_to(jnp.arange(width)[None] <= slot, (bg, width))
-      parts = [[prefix_parts[i], *(KVPart(kt, v, None) for kt, v in (d[i] for d in done_segments)),
+      parts = [[prefix_parts[i], *(KVPart(*d[i], None) for d in done_segments),
                 KVPart(*current[i], valid_BxW)] for i in range(cfg.num_layers)]
-      logits_BxV, current = model.decode_step(token_B, next_pos_B + step, parts, slot)
+      logits_BxV, current = model.decode_step(token_B, next_pos_B + step, parts, slot, rope_table)
       return step + 1, tokens_BxN, logps_BxN, done_B, logits_BxV, current
 
     *carry, current = jax.lax.while_loop(cond, body, (*carry, current))

@@ -166,13 +166,18 @@ class Attention(nnx.Module):
   def decode(self, x_Bx1xD, cos, sin, parts, slot):
     """One new token per row attending over `parts` (see `KVPart`); its key and value are written at `slot`
     of the last part, the only one that changes. Returns (out_Bx1xD, (kt, v) of the last part)."""
-    dt = jnp.dtype(self.cfg.dtype)
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
     q, k, v = self._qkv(x_Bx1xD.astype(dt), cos, sin, fused=True)
     last = parts[-1]
     kt = jax.lax.dynamic_update_slice(last.kt, k.transpose(0, 2, 3, 1).astype(last.kt.dtype), (0, 0, 0, slot))
     vv = jax.lax.dynamic_update_slice(last.v, v.transpose(0, 2, 1, 3).astype(last.v.dtype), (0, 0, slot, 0))
-    out = _attend_parts(self.cfg, q, (*parts[:-1], last._replace(kt=kt, v=vv)), dt)
-    return jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt)), (kt, vv)
+    out = _attend_parts(cfg, q, (*parts[:-1], last._replace(kt=kt, v=vv)), dt)
+    # As one [B, N*hd] x [N*hd, D] matmul: the einsum over (heads, head_dim) made XLA transpose the whole
+    # output kernel inside the decode loop, every step.
+    b, nh = out.shape[0], cfg.num_heads * cfg.head_dim
+    out_BxD = jnp.dot(out.reshape(b, nh), self.o_kernel[...].astype(dt).reshape(nh, cfg.hidden_size))
+    return out_BxD[:, None], (kt, vv)
 
 
 class KVPart(NamedTuple):
@@ -324,15 +329,28 @@ class Transformer(nnx.Module):
     k, v = zip(*kvs)
     return self.logits(x), KVCache(tuple(k), tuple(v), valid_BxS, cache.index + t)
 
-  def decode_step(self, token_B, position_B, parts_per_layer, slot):
+  def decode_step(self, token_B, position_B, parts_per_layer, slot, rope_table):
     """The sampler's step: one token per row attending over each layer's `KVPart`s, its keys and values
-    written at `slot` of each layer's last part. Returns (logits_BxV, [(kt, v) of each layer's last part])."""
-    x, cos, sin = self._embed(token_B[:, None], position_B[:, None])
+    written at `slot` of each layer's last part; `rope_table` is `self.rope_table(n)` for every position
+    below n. Returns (logits_BxV, [(kt, v) of each layer's last part])."""
+    cfg = self.cfg
+    x = jnp.take(self.embedding[...], token_B[:, None], axis=0).astype(jnp.dtype(cfg.dtype))
+    x = constrain(x, ("batch", "length", "act_embed"))
+    # Rows of a table made once before the decode loop: computed here, cos and sin were fused into (and
+    # recomputed by) every layer's rotation, ~10% of a step on CPU.
+    cos_table, sin_table = rope_table
+    cos = jnp.take(cos_table, position_B, axis=0)[:, None]
+    sin = jnp.take(sin_table, position_B, axis=0)[:, None]
     new_kv = []
     for layer, parts in zip(self.layers, parts_per_layer):
       x, kv = layer.decode(x, cos, sin, parts, slot)
       new_kv.append(kv)
     return self.logits(self.final_norm(x))[:, 0], new_kv
+
+  def rope_table(self, length: int):
+    """(cos, sin) of every position below `length`, each [length, head_dim / 2] float32."""
+    angles_LxH2 = jnp.arange(length, dtype=jnp.float32)[:, None] * rope_inv_freq(self.cfg)[None]
+    return jnp.cos(angles_LxH2), jnp.sin(angles_LxH2)
 
   def _embed(self, tokens_BxT, positions_BxT):
     cfg = self.cfg
