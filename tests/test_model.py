@@ -70,6 +70,19 @@ def test_cached_decoding_equals_full_forward(arch):
   assert int(cache.index) == 10
 
 
+@pytest.mark.parametrize("scaling", [None, M.RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                          original_max_position_embeddings=16)])
+def test_decode_rope_table_equals_the_forward_rotation(scaling):
+  # The sampler gathers cos/sin rows from a table made once; the forward pass computes them per position.
+  cfg = M.preset("tiny", architecture="llama", rope_scaling=scaling)
+  model = M.init_sharded(cfg, ONE_DEVICE, seed=0)
+  positions_1xT = jnp.arange(40)[None]
+  _, cos, sin = model._embed(jnp.zeros_like(positions_1xT), positions_1xT)
+  cos_table, sin_table = model.rope_table(40)
+  np.testing.assert_array_equal(np.asarray(cos_table), np.asarray(cos[0]))
+  np.testing.assert_array_equal(np.asarray(sin_table), np.asarray(sin[0]))
+
+
 def test_parameter_count_and_presets():
   # Published totals of the Qwen2.5 family (embeddings included, tied where the model ties them).
   assert M.preset("qwen2.5-0.5b").num_params() == 494_032_768
