@@ -15,6 +15,14 @@ import json
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dapo_jax import model as M
+from dapo_jax import sampling, sharding
+
 
 def parse():
   p = argparse.ArgumentParser()
@@ -24,17 +32,6 @@ def parse():
   p.add_argument("--json", default="")
   return p.parse_args()
 
-
-ARGS = parse()
-
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from dapo_jax import model as M  # noqa: E402
-from dapo_jax import sampling, sharding  # noqa: E402
 
 MODELS = {
     # ~4M and ~30M parameters, vocab 512, tied embeddings (the shapes of the CPU performance notes, deeper).
@@ -105,6 +102,7 @@ def bench_hf(path, prompts, threads, repeats):
 
 
 def main():
+  ARGS = parse()
   rate = matmul_rate(ARGS.repeats)
   print(f"matmul 2048^3 float32: {rate / 1e9:.1f} GFLOP/s  (jax {jax.__version__}, threads {ARGS.threads})")
   rows = []

@@ -1,0 +1,102 @@
+"""Decode throughput of this tree's sampler against another git revision's, in one process.
+
+    .venv/bin/python benchmarks/sampler_ab.py --base 9de7311 [--models S,M] [--repeats 7]
+
+Single runs of `sampler_bench.py` move 10-20% on a shared 2-core machine, more than most changes to the
+sampler, so they cannot rank two versions. Here both samplers are compiled in one process on the same weights
+(the base revision's `dapo_jax/` is copied out of git under another package name) and timed alternately; the
+best of `--repeats` is reported for each, with whether they sampled the same tokens. Shapes as in
+`sampler_bench.py`: 8 prompts x 8 samples, 32-token prompts, 128 new tokens, float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def parse():
+  p = argparse.ArgumentParser()
+  p.add_argument("--base", default="HEAD", help="git revision to compare against (default: HEAD)")
+  p.add_argument("--models", default="S,M")
+  p.add_argument("--repeats", type=int, default=7)
+  return p.parse_args()
+
+
+def import_revision(rev: str, workdir: str):
+  """The `dapo_jax` package of git revision `rev`, importable as `dapo_base`."""
+  try:
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "dapo_jax"], check=True, capture_output=True).stdout
+  except subprocess.CalledProcessError as e:
+    sys.exit(f"sampler_ab: git archive {rev} dapo_jax failed: {e.stderr.decode().strip()}")
+  subprocess.run(["tar", "-x", "-C", workdir], input=tar, check=True)
+  base = pathlib.Path(workdir, "dapo_base")
+  pathlib.Path(workdir, "dapo_jax").rename(base)
+  for f in base.rglob("*.py"):
+    f.write_text(re.sub(r"\bdapo_jax\b", "dapo_base", f.read_text()))
+  sys.path.insert(0, workdir)
+  return importlib.import_module("dapo_base")
+
+
+def main():
+  args = parse()
+  sys.path.insert(0, str(ROOT))
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  import dapo_jax
+  from benchmarks.sampler_bench import MODELS, NEW, PROMPT_LEN, PROMPTS, SAMPLES
+
+  with tempfile.TemporaryDirectory() as tmp:
+    base = import_revision(args.base, tmp)
+    importlib.import_module("dapo_base.sampling")
+    print(f"base {args.base} ({base.__file__}) vs this tree ({dapo_jax.__file__}), best of {args.repeats}")
+    for name in args.models.split(","):
+      rng = np.random.default_rng(0)
+      prompts = rng.integers(0, MODELS[name]["vocab_size"], (PROMPTS, PROMPT_LEN)).tolist()
+      runs = {}
+      for tag, pkg in (("base", "dapo_base"), ("tree", "dapo_jax")):
+        M = importlib.import_module(f"{pkg}.model")
+        S = importlib.import_module(f"{pkg}.sampling")
+        H = importlib.import_module(f"{pkg}.sharding")
+        cfg = M.ModelConfig(architecture="qwen2", tie_word_embeddings=True, rope_theta=10000.0,
+                            max_position_embeddings=4096, **MODELS[name])
+        graphdef, state = nnx.split(M.init_sharded(cfg, H.make_mesh(devices=jax.devices()[:1]), seed=0))
+        prompt, mask = S.pad_prompts(prompts, 0, PROMPT_LEN)
+        params = S.SamplingParams(max_new_tokens=NEW, temperature=1.0)
+
+        def run(n, S=S, graphdef=graphdef, state=state, prompt=prompt, mask=mask, params=params):
+          out = S._generate(graphdef, state, jnp.asarray(prompt), jnp.asarray(mask), jax.random.key(0),
+                            jnp.asarray(n, jnp.int32), params=params, num_samples=SAMPLES, budget=NEW)
+          return jax.block_until_ready(out)
+
+        runs[tag] = (run, run(NEW))
+        run(1)
+      same = bool(np.array_equal(runs["base"][1].tokens_BxN, runs["tree"][1].tokens_BxN))
+      diff = float(np.max(np.abs(np.asarray(runs["base"][1].logprobs_BxN) - np.asarray(runs["tree"][1].logprobs_BxN))))
+      times = {tag: ([], []) for tag in runs}
+      for _ in range(args.repeats):
+        for tag, (run, _) in runs.items():
+          for n, out in ((1, times[tag][0]), (NEW, times[tag][1])):
+            t = time.perf_counter()
+            run(n)
+            out.append(time.perf_counter() - t)
+      rates = {tag: PROMPTS * SAMPLES * (NEW - 1) / (min(full) - min(pre)) for tag, (pre, full) in times.items()}
+      print(f"{name}: decode tok/s base {rates['base']:,.0f}  tree {rates['tree']:,.0f}  "
+            f"({100 * (rates['tree'] / rates['base'] - 1):+.1f}%)  same tokens {same}, max logprob diff {diff:.1e}")
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  main()
