@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pathlib
 import re
 import subprocess
@@ -60,7 +59,6 @@ def main():
 
   with tempfile.TemporaryDirectory() as tmp:
     base = import_revision(args.base, tmp)
-    importlib.import_module("dapo_base.sampling")
     print(f"base {args.base} ({base.__file__}) vs this tree ({dapo_jax.__file__}), best of {args.repeats}")
     for name in args.models.split(","):
       rng = np.random.default_rng(0)
@@ -98,5 +96,4 @@ def main():
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   main()

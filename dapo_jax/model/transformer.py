@@ -81,6 +81,13 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   return jnp.where(medium, smoothed, scaled)
 
 
+def rope_cos_sin(cfg: ModelConfig, positions):
+  """cos and sin of the rotation angles at integer `positions` (any shape), each [..., head_dim / 2]."""
+  inv_freq = rope_inv_freq(cfg)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + inv_freq.shape)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x_BxTxNxH, cos_BxTxH2, sin_BxTxH2):
   # Rotate-half convention (first half / second half), as the Hugging Face Qwen and Llama code.
   h2 = x_BxTxNxH.shape[-1] // 2
@@ -333,9 +340,7 @@ class Transformer(nnx.Module):
     """The sampler's step: one token per row attending over each layer's `KVPart`s, its keys and values
     written at `slot` of each layer's last part; `rope_table` is `self.rope_table(n)` for every position
     below n. Returns (logits_BxV, [(kt, v) of each layer's last part])."""
-    cfg = self.cfg
-    x = jnp.take(self.embedding[...], token_B[:, None], axis=0).astype(jnp.dtype(cfg.dtype))
-    x = constrain(x, ("batch", "length", "act_embed"))
+    x = self._embed_tokens(token_B[:, None])
     # Rows of a table made once before the decode loop: computed here, cos and sin were fused into (and
     # recomputed by) every layer's rotation, ~10% of a step on CPU.
     cos_table, sin_table = rope_table
@@ -349,15 +354,14 @@ class Transformer(nnx.Module):
 
   def rope_table(self, length: int):
     """(cos, sin) of every position below `length`, each [length, head_dim / 2] float32."""
-    angles_LxH2 = jnp.arange(length, dtype=jnp.float32)[:, None] * rope_inv_freq(self.cfg)[None]
-    return jnp.cos(angles_LxH2), jnp.sin(angles_LxH2)
+    return rope_cos_sin(self.cfg, jnp.arange(length))
+
+  def _embed_tokens(self, tokens_BxT):
+    x = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    return constrain(x, ("batch", "length", "act_embed"))
 
   def _embed(self, tokens_BxT, positions_BxT):
-    cfg = self.cfg
-    x = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(jnp.dtype(cfg.dtype))
-    x = constrain(x, ("batch", "length", "act_embed"))
-    angles_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)[None, None]
-    return x, jnp.cos(angles_BxTxH2), jnp.sin(angles_BxTxH2)
+    return (self._embed_tokens(tokens_BxT), *rope_cos_sin(self.cfg, positions_BxT))
 
   def _body(self, tokens_BxT, positions_BxT, mask_BxTxS, kv):
     cfg = self.cfg
