@@ -14,6 +14,7 @@ defines, which is what the training step recomputes. With greedy decoding (T=0) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -22,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from dapo_jax.model.transformer import KVCache, KVPart, Transformer, default_positions
-from dapo_jax.sharding import constrain
+from dapo_jax.sharding import constrain, row_local_axes
+from jax.sharding import PartitionSpec as P
 
 PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192, 16384, 32768)
 BUDGET_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 20480, 32768)
@@ -119,7 +121,26 @@ def _batch_zeros(cfg, shape):
 
 
 def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_tokens, *,
-                   params: SamplingParams, num_samples: int, budget: int) -> Rollout:
+                   params: SamplingParams, num_samples: int, budget: int, row_axes: tuple[str, ...] = ()
+                   ) -> Rollout:
+  # Step i's uniforms come from fold_in(rng, i), one row each: the same numbers however the rows are sharded
+  # or the budget segmented.
+  bg = prompt_BxP.shape[0] * num_samples
+  uniform_NxB = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (bg,)))(jnp.arange(budget))
+  uniform_NxB = constrain(uniform_NxB, (None, "batch"))
+  decode = functools.partial(_decode_rows, graphdef, params=params, num_samples=num_samples, budget=budget)
+  if not row_axes:
+    return decode(state, prompt_BxP, prompt_mask_BxP, uniform_NxB, max_new_tokens)
+  # Each shard of rows along `row_axes` (which shard no parameter) decodes in its own loop and stops when its
+  # own rows are done: no cross-device step in the loop (checking "all rows done" would be an all-reduce a token).
+  rows = P(row_axes)
+  return jax.shard_map(decode, in_specs=(P(), rows, rows, P(None, row_axes), P()), out_specs=rows,
+                       axis_names=set(row_axes), check_vma=False)(state, prompt_BxP, prompt_mask_BxP, uniform_NxB,
+                                                                  max_new_tokens)
+
+
+def _decode_rows(graphdef, state, prompt_BxP, prompt_mask_BxP, uniform_NxB, max_new_tokens, *,
+                 params: SamplingParams, num_samples: int, budget: int) -> Rollout:
   model: Transformer = nnx.merge(graphdef, state)
   cfg = model.cfg
   b, p = prompt_BxP.shape
@@ -152,10 +173,8 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_to
   written = []  # per finished segment: [(kt, v) per layer]
   for start in range(0, budget, seg):
     width = min(seg, budget - start)
-    # The segment's random numbers in one draw before its loop: per-step draws cost two small threefry loops
-    # a token. A step's numbers depend on the key and the step only, whatever the segmentation.
-    uniform_WxB = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i), (bg,)))(start + jnp.arange(width))
-    uniform_WxB = constrain(uniform_WxB, (None, "batch"))
+    # Drawn before the loop (per-step draws cost two small threefry loops a token).
+    uniform_WxB = uniform_NxB[start:start + width]
     current = [(_batch_zeros(cfg, (bg, cfg.num_kv_heads, cfg.head_dim, width)),
                 _batch_zeros(cfg, (bg, cfg.num_kv_heads, width, cfg.head_dim))) for _ in range(cfg.num_layers)]
     end = start + width
@@ -195,7 +214,7 @@ def _generate_impl(graphdef, state, prompt_BxP, prompt_mask_BxP, rng, max_new_to
                  truncated_B)
 
 
-_generate = jax.jit(_generate_impl, static_argnames=("graphdef", "params", "num_samples", "budget"))
+_generate = jax.jit(_generate_impl, static_argnames=("graphdef", "params", "num_samples", "budget", "row_axes"))
 
 
 def compiled_programs() -> int:
@@ -242,6 +261,9 @@ def generate(model: Transformer | tuple, prompts, params: SamplingParams, rng: j
                      f"model's max_position_embeddings {model.cfg.max_position_embeddings}")
   # The token budget is a traced argument: every max_new_tokens in a bucket shares one program.
   bucketed = dataclasses.replace(params, max_new_tokens=budget)
-  return _generate(graphdef, state, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, bool), rng,
+  prompts = jnp.asarray(prompts, jnp.int32)
+  mesh = jax.sharding.get_abstract_mesh()
+  row_axes = () if mesh.empty else row_local_axes(mesh, prompts.shape[0], state)
+  return _generate(graphdef, state, prompts, jnp.asarray(prompt_mask, bool), rng,
                    jnp.asarray(params.max_new_tokens, jnp.int32), params=bucketed, num_samples=num_samples,
-                   budget=budget)
+                   budget=budget, row_axes=row_axes)

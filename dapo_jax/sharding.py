@@ -125,8 +125,43 @@ def named(mesh: Mesh, *names: str | None, shape: Sequence[int] | None = None) ->
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Activation sharding constraint by logical names; a no-op when traced without a mesh (`jax.set_mesh`)."""
+  """Activation sharding constraint by logical names; a no-op when traced without a mesh (`jax.set_mesh`).
+  Inside `shard_map` the manual axes are left out: `x` is already one shard along them."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
+  manual = set(mesh.manual_axes)
+  if math.prod(n for a, n in mesh.shape.items() if a not in manual) == 1:
+    return x
+  rules = [(k, _without(v, manual)) for k, v in _active_rules.get()] if manual else None
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
+
+
+def _without(target, axes: set[str]):
+  kept = tuple(a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if a not in axes)
+  return kept or None
+
+
+def row_local_axes(mesh: Mesh, rows: int, state: Any) -> tuple[str, ...]:
+  """The mesh axes of size > 1 when the mesh only splits rows: each such axis shards the batch and none of
+  `state`'s arrays, and their product divides `rows`. Otherwise ().
+
+  On such a mesh every device holds whole parameters and its own rows, and work on rows needs no
+  communication: the sampler decodes each shard in its own loop (`shard_map`). Meshes that also shard the
+  parameters are left to the SPMD partitioner: with two auto axes beside a manual one (data 2 x fsdp 2 x
+  tensor 2), jaxlib 0.10.2's partitioner aborts on the decode step's gathers."""
+  used = set()
+  for leaf in jax.tree.leaves(state):
+    spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+    for entry in spec or ():
+      used.update((entry,) if isinstance(entry, str) else tuple(entry or ()))
+  kept, size = [], 1
+  for axis in _without(dict(_active_rules.get()).get("batch"), set()) or ():
+    n = mesh.shape.get(axis, 1)
+    if n == 1 or axis in used or rows % (size * n):
+      continue
+    kept.append(axis)
+    size *= n
+  if any(n > 1 and axis not in kept for axis, n in mesh.shape.items()):
+    return ()
+  return tuple(kept)

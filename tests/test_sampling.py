@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from dapo_jax import model as M
 from dapo_jax import sampling, sharding
@@ -150,6 +151,39 @@ def test_sharded_greedy_equals_one_device():
     out = generate(many, PROMPTS + [[9, 9, 9]], params, jax.random.key(0), num_samples=2)
   np.testing.assert_array_equal(np.asarray(out.tokens_BxN), np.asarray(ref.tokens_BxN))
   np.testing.assert_allclose(np.asarray(out.logprobs_BxN), np.asarray(ref.logprobs_BxN), atol=1e-5)
+
+
+def test_row_sharded_sampling_equals_one_device():
+  # A mesh that only splits rows decodes each shard in its own loop (shard_map), each stopping when its own
+  # rows are done; sampled tokens, log-probabilities and lengths must not change.
+  cfg = M.preset("tiny", num_heads=8, num_kv_heads=4)
+  one = M.init_sharded(cfg, ONE, seed=10)
+  params = SamplingParams(max_new_tokens=16, temperature=1.0, stop_ids=tuple(range(3, 40)))
+  prompts = [[i + 1, 2 * i + 3, 7] for i in range(8)]
+  ref = generate(one, prompts, params, jax.random.key(1), num_samples=2)
+  mesh = sharding.make_mesh({"data": -1})
+  many = M.init_sharded(cfg, mesh, seed=10)
+  assert sharding.row_local_axes(mesh, len(prompts), nnx.state(many)) == ("data",)
+  with jax.set_mesh(mesh):
+    out = generate(many, prompts, params, jax.random.key(1), num_samples=2)
+  for name in ("tokens_BxN", "mask_BxN", "lengths_B", "truncated_B"):
+    np.testing.assert_array_equal(np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)), err_msg=name)
+  np.testing.assert_allclose(np.asarray(out.logprobs_BxN), np.asarray(ref.logprobs_BxN), atol=1e-5)
+  lengths = np.asarray(ref.lengths_B)
+  assert lengths.min() < lengths.max() == 16  # shards stop at different steps: the per-shard loop is exercised
+  assert len(set(lengths.reshape(8, 2).max(axis=1))) > 1
+
+
+def test_row_local_axes_only_for_meshes_that_split_rows_alone():
+  cfg = M.preset("tiny", num_heads=8, num_kv_heads=4)
+  mixed = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  assert sharding.row_local_axes(mixed, 8, nnx.state(M.init_sharded(cfg, mixed, seed=0))) == ()
+  rows = sharding.make_mesh({"data": -1})
+  state = nnx.state(M.init_sharded(cfg, rows, seed=0))
+  assert sharding.row_local_axes(rows, 8, state) == ("data",)
+  assert sharding.row_local_axes(rows, 6, state) == ()  # 8 shards do not divide 6 prompts
+  fsdp = sharding.make_mesh({"fsdp": -1})  # the parameters are split along fsdp
+  assert sharding.row_local_axes(fsdp, 8, nnx.state(M.init_sharded(cfg, fsdp, seed=0))) == ()
 
 
 def test_invalid_params_are_named():
