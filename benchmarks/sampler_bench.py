@@ -6,31 +6,43 @@
 float32 on CPU. Prefill rate = prompt tokens / prefill time; decode rate = decoded tokens / (full - prefill).
 Also measures this machine's single-matmul rate (2048^3 float32) and the share of it the decode loop reaches.
 Needs the test requirements (torch, transformers).
+
+Ours runs twice on the same weights, timed alternately: on one CPU device (XLA's intra-op threads split each
+op), and on one CPU device per thread (`--threads` host devices, a `data` mesh: each device decodes its own
+rows in its own loop, so the many small ops of a decode step run on both cores at once). transformers uses
+`--threads` torch threads. Both layouts must sample the same tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from dapo_jax import model as M
-from dapo_jax import sampling, sharding
-
-
-def parse():
+def parse(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--models", default="S,M")
-  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--threads", type=int, default=2, help="torch threads, and our host devices per core layout")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--json", default="")
-  return p.parse_args()
+  return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+  # XLA reads the host device count once, when jax starts: before the import below.
+  os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={parse().threads} "
+                             + os.environ.get("XLA_FLAGS", ""))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dapo_jax import model as M  # noqa: E402
+from dapo_jax import sampling, sharding  # noqa: E402
 
 
 MODELS = {
@@ -65,23 +77,39 @@ def decode_flops_per_token(cfg, context):
   return 2 * matmul_params + attn
 
 
-def bench_ours(model, prompts, repeats):
+def ours(cfg, mesh, prompts):
+  """(compile seconds, run(n) -> Rollout) for our sampler on `mesh`, weights from seed 0."""
+  model = M.init_sharded(cfg, mesh, seed=0)
   graphdef, state = nnx.split(model)
   prompt, mask = sampling.pad_prompts(prompts, 0, PROMPT_LEN)
   params = sampling.SamplingParams(max_new_tokens=NEW, temperature=1.0)
+  rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", None), prompt.shape, mesh))
+  prompt, mask = jax.device_put(prompt, rows), jax.device_put(mask, rows)
+  row_axes = sharding.row_local_axes(mesh, len(prompts), state)
 
   def run(n):
-    out = sampling._generate(graphdef, state, jnp.asarray(prompt), jnp.asarray(mask), jax.random.key(0),
-                             jnp.asarray(n, jnp.int32), params=params, num_samples=SAMPLES, budget=NEW)
-    return jax.block_until_ready(out)
+    with jax.set_mesh(mesh):
+      out = sampling._generate(graphdef, state, prompt, mask, jax.random.key(0), jnp.asarray(n, jnp.int32),
+                               params=params, num_samples=SAMPLES, budget=NEW, row_axes=row_axes)
+      return jax.block_until_ready(out)
 
   t0 = time.perf_counter()
   run(1)
   compile_s = time.perf_counter() - t0
-  prefill = best_of(lambda: run(1), repeats)  # prefill + the fan-out + one decode step
-  full = best_of(lambda: run(NEW), repeats)
   assert int(run(NEW).lengths_B.min()) == NEW
-  return compile_s, prefill, full
+  return compile_s, run
+
+
+def time_alternately(runs, repeats):
+  """Best (prefill, full) seconds of each runner, the runners timed in turn so drift hits them alike."""
+  best = [[float("inf")] * 2 for _ in runs]
+  for _ in range(repeats):
+    for b, run in zip(best, runs):
+      for i, n in enumerate((1, NEW)):
+        t = time.perf_counter()
+        run(n)
+        b[i] = min(b[i], time.perf_counter() - t)
+  return best
 
 
 def bench_hf(path, prompts, threads, repeats):
@@ -104,36 +132,48 @@ def bench_hf(path, prompts, threads, repeats):
 def main():
   ARGS = parse()
   rate = matmul_rate(ARGS.repeats)
-  print(f"matmul 2048^3 float32: {rate / 1e9:.1f} GFLOP/s  (jax {jax.__version__}, threads {ARGS.threads})")
+  n = min(ARGS.threads, jax.device_count())
+  print(f"matmul 2048^3 float32: {rate / 1e9:.1f} GFLOP/s  (jax {jax.__version__}, threads {ARGS.threads}, "
+        f"{n} host devices)")
   rows = []
   one = sharding.make_mesh(devices=jax.devices()[:1])
+  per_core = sharding.make_mesh({"data": -1}, devices=jax.devices()[:n])
   for name in ARGS.models.split(","):
     cfg = M.ModelConfig(architecture="qwen2", tie_word_embeddings=True, rope_theta=10000.0,
                         max_position_embeddings=4096, **MODELS[name])
-    model = M.init_sharded(cfg, one, seed=0)
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size, (PROMPTS, PROMPT_LEN)).tolist()
-    compile_s, pre, full = bench_ours(model, prompts, ARGS.repeats)
+    compile_s, run_one = ours(cfg, one, prompts)
+    _, run_cores = ours(cfg, per_core, prompts)
+    same = np.array_equal(np.asarray(run_one(NEW).tokens_BxN), np.asarray(run_cores(NEW).tokens_BxN))
+    (pre, full), (pre_c, full_c) = time_alternately([run_one, run_cores], ARGS.repeats)
     with tempfile.TemporaryDirectory() as d:
-      M.save_hf(model, d)
+      M.save_hf(M.init_sharded(cfg, one, seed=0), d)
       hf_pre, hf_full = bench_hf(d, prompts, ARGS.threads, ARGS.repeats)
     decoded = PROMPTS * SAMPLES * (NEW - 1)
-    ours_dec, hf_dec = decoded / (full - pre), decoded / (hf_full - hf_pre)
+    dec, dec_c, hf_dec = decoded / (full - pre), decoded / (full_c - pre_c), decoded / (hf_full - hf_pre)
     flops = decode_flops_per_token(cfg, PROMPT_LEN + NEW)
     row = {"model": name, "params_M": cfg.num_params() / 1e6, "compile_s": compile_s,
            "prefill_tok_s": PROMPTS * PROMPT_LEN / pre, "hf_prefill_tok_s": PROMPTS * PROMPT_LEN / hf_pre,
-           "decode_tok_s": ours_dec, "hf_decode_tok_s": hf_dec, "decode_speedup": ours_dec / hf_dec,
-           "decode_matmul_share": ours_dec * flops / rate}
+           "decode_tok_s": dec, "hf_decode_tok_s": hf_dec, "decode_speedup": dec / hf_dec,
+           "decode_matmul_share": dec * flops / rate,
+           "per_core_devices": n, "per_core_prefill_tok_s": PROMPTS * PROMPT_LEN / pre_c,
+           "per_core_decode_tok_s": dec_c, "per_core_decode_speedup": dec_c / hf_dec,
+           "per_core_decode_matmul_share": dec_c * flops / rate, "per_core_same_tokens": bool(same)}
     rows.append(row)
     print(json.dumps(row))
   print()
-  print("| model | params | prefill tok/s (ours / transformers) | decode tok/s (ours / transformers) | "
-        "decode speedup | decode share of matmul rate | compile s |")
+  print(f"| model | params | decode tok/s: ours, 1 device / ours, {n} devices / transformers | decode speedup "
+        f"(1 / {n} devices) | decode share of matmul rate (1 / {n}) | prefill tok/s (ours / transformers) | "
+        "compile s |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['model']} | {r['params_M']:.1f}M | {r['prefill_tok_s']:,.0f} / {r['hf_prefill_tok_s']:,.0f} | "
-          f"{r['decode_tok_s']:,.0f} / {r['hf_decode_tok_s']:,.0f} | {r['decode_speedup']:.2f}x | "
-          f"{100 * r['decode_matmul_share']:.0f}% | {r['compile_s']:.1f} |")
+    print(f"| {r['model']} | {r['params_M']:.1f}M | {r['decode_tok_s']:,.0f} / {r['per_core_decode_tok_s']:,.0f} / "
+          f"{r['hf_decode_tok_s']:,.0f} | {r['decode_speedup']:.2f}x / {r['per_core_decode_speedup']:.2f}x | "
+          f"{100 * r['decode_matmul_share']:.0f}% / {100 * r['per_core_decode_matmul_share']:.0f}% | "
+          f"{r['prefill_tok_s']:,.0f} / {r['hf_prefill_tok_s']:,.0f} | {r['compile_s']:.1f} |")
+    if not r["per_core_same_tokens"]:
+      print(f"!! {r['model']}: the {n}-device run sampled different tokens")
   if ARGS.json:
     with open(ARGS.json, "w") as f:
       json.dump({"matmul_gflops": rate / 1e9, "rows": rows}, f, indent=2)

@@ -35,6 +35,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
   from dapo_jax import distributed  # after flag parsing: importing jax reads XLA_FLAGS
+  distributed.set_cpu_devices(FLAGS.config.get("hardware", {}).get("cpu_devices", 0))
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, mode=FLAGS.distributed)
   from dapo_jax import train
   if distributed.is_main():

@@ -103,3 +103,18 @@ def test_cluster_detection_and_flag_checks():
   with pytest.raises(ValueError, match="give all of --coordinator_address, --num_processes and --process_id"):
     distributed.initialize(coordinator_address="localhost:1234")
   assert [distributed.share(10, i, 3) for i in range(3)] == [slice(0, 4), slice(4, 7), slice(7, 10)]
+
+
+def test_cpu_devices_split_the_host_before_jax_starts():
+  from dapo_jax import distributed
+  with pytest.raises(ValueError, match="hardware.cpu_devices"):
+    distributed.set_cpu_devices(-2)
+  assert distributed.set_cpu_devices(0) == 0  # JAX's default: nothing touched
+  script = ("from dapo_jax import distributed; n = distributed.set_cpu_devices({n}); import jax; "
+            "print(n, jax.device_count())")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)
+  for n, want in ((3, "3 3"), (-1, f"{len(os.sched_getaffinity(0))} {len(os.sched_getaffinity(0))}")):
+    out = subprocess.run([sys.executable, "-c", script.format(n=n)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == want.split()
