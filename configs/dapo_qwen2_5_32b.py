@@ -23,6 +23,7 @@ def get_config(arg=None):
   c = default.get_config(arg)
   c.total_steps = 1000
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4
+  c.hardware.cpu_devices = 0  # accelerators: the CPU backend is left as JAX makes it
   c.hardware.device_memory_gib = 95.0
   c.data.name = "math"
   c.data.train, c.data.train_split, c.data.eval, c.data.eval_split = "dapo_math17k", "train", "dapo_aime24", "test"

@@ -20,8 +20,13 @@ def get_config(arg=None):
   c.seed = 0
   c.total_steps = 200  # DAPO training steps (one optimizer pass over a filled batch each)
   c.allow_different_config = False  # resume a workdir whose saved config differs
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-  c.hardware = ml_collections.ConfigDict({"device_memory_gib": 16.0})  # for the start-up memory check
+  # A data mesh: every device holds the whole (tiny) policy and its own rows, and the sampler decodes each
+  # device's rows in its own loop. On a CPU, `hardware.cpu_devices` splits the host into that many devices.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # device_memory_gib: for the start-up memory check. cpu_devices: JAX devices the CPU backend is split into
+  # (0: JAX's default of one; -1: one per core). 2 suits the 2-core machines this default is made for (on them
+  # it cut a DAPO step by ~19%) and divides every batch size here; an XLA_FLAGS device count takes precedence.
+  c.hardware = ml_collections.ConfigDict({"device_memory_gib": 16.0, "cpu_devices": 2})
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "arithmetic"

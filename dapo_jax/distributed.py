@@ -41,14 +41,14 @@ def detect_cluster(env: dict | None = None) -> str | None:
 
 def set_cpu_devices(n: int) -> int:
   """Splits the host CPU into `n` JAX devices (-1: one per core; 0: leave JAX's default). Returns the count
-  asked for, 0 when left alone. Must run before anything touches a JAX backend; GPU and TPU are unaffected.
+  set, 0 when left alone (also when XLA_FLAGS already sets --xla_force_host_platform_device_count). Must run before anything touches a JAX backend; GPU and TPU are unaffected.
 
   One device per core suits small models on a CPU: a data mesh gives each core whole rows, and the sampler
   decodes each core's rows in its own loop, instead of splitting every small op of a step across the cores."""
   if not isinstance(n, int) or n < -1:
     raise ValueError(f"hardware.cpu_devices must be -1 (one per core), 0 (JAX's default) or a positive count, got {n!r}")
-  if n == 0:
-    return 0
+  if n == 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return 0  # an explicit XLA_FLAGS count (launch/local_multiprocess.sh, the tests) wins
   n = len(os.sched_getaffinity(0)) if n == -1 else n
   jax.config.update("jax_num_cpu_devices", n)
   return n

@@ -118,3 +118,6 @@ def test_cpu_devices_split_the_host_before_jax_starts():
     out = subprocess.run([sys.executable, "-c", script.format(n=n)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == want.split()
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # a launcher's explicit count wins
+  out = subprocess.run([sys.executable, "-c", script.format(n=2)], env=env, capture_output=True, text=True)
+  assert out.returncode == 0 and out.stdout.split()[-2:] == ["0", "4"], out.stderr
