@@ -2,8 +2,12 @@
 train exactly as 1 process x 4 devices.
 
 Both continue from the same checkpoint, written by a single process (so a checkpoint moves between process
-counts). The two runs sum gradients in different orders (gloo across processes, in-process otherwise), so
-parameters agree to float32 rounding, not bitwise; everything sampled, scored and kept is identical.
+counts), on the default data-parallel mesh: each device samples its own rows in its own loop and gradients
+are all-reduced. The two runs sum gradients in different orders (gloo across processes, in-process
+otherwise), so parameters agree to float32 rounding, not bitwise (1.5e-8 apart after two steps); everything
+sampled, scored and kept is identical while that holds. Rounding apart is not enough forever: at the third
+step here a near tie in sampling went the other way and the rollouts differed; from then on the two are
+different runs, so the comparison stops at two steps.
 """
 
 import json
@@ -18,7 +22,7 @@ import pytest
 
 from tests.test_train import ROOT, _final_params, _flags, tiny_config
 
-STEPS = 3
+STEPS = 2
 
 
 def _env(devices):
