@@ -7,10 +7,11 @@ float32 on CPU. Prefill rate = prompt tokens / prefill time; decode rate = decod
 Also measures this machine's single-matmul rate (2048^3 float32) and the share of it the decode loop reaches.
 Needs the test requirements (torch, transformers).
 
-Ours runs twice on the same weights, timed alternately: on one CPU device (XLA's intra-op threads split each
-op), and on one CPU device per thread (`--threads` host devices, a `data` mesh: each device decodes its own
-rows in its own loop, so the many small ops of a decode step run on both cores at once). transformers uses
-`--threads` torch threads. Both layouts must sample the same tokens.
+Ours runs twice on the same weights: on one CPU device (XLA's intra-op threads split each op), and on one CPU
+device per thread (`--threads` host devices, a `data` mesh: each device decodes its own rows in its own loop,
+so the many small ops of a decode step run on both cores at once). transformers uses `--threads` torch
+threads. The three are timed in turn, `--repeats` rounds, best of each, so that the machine's drift (10-20%
+here over minutes) hits them alike. Both layouts of ours must sample the same tokens.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def time_alternately(runs, repeats):
   return best
 
 
-def bench_hf(path, prompts, threads, repeats):
+def hf_runner(path, prompts, threads):
+  """run(n) for transformers `generate` on the checkpoint at `path`, warmed up."""
   import torch
   import transformers
   torch.set_num_threads(threads)
@@ -126,7 +128,7 @@ def bench_hf(path, prompts, threads, repeats):
     assert out.shape == (PROMPTS * SAMPLES, PROMPT_LEN + n)
 
   run(2)
-  return best_of(lambda: run(1), repeats), best_of(lambda: run(NEW), repeats)
+  return run
 
 
 def main():
@@ -146,10 +148,11 @@ def main():
     compile_s, run_one = ours(cfg, one, prompts)
     _, run_cores = ours(cfg, per_core, prompts)
     same = np.array_equal(np.asarray(run_one(NEW).tokens_BxN), np.asarray(run_cores(NEW).tokens_BxN))
-    (pre, full), (pre_c, full_c) = time_alternately([run_one, run_cores], ARGS.repeats)
     with tempfile.TemporaryDirectory() as d:
       M.save_hf(M.init_sharded(cfg, one, seed=0), d)
-      hf_pre, hf_full = bench_hf(d, prompts, ARGS.threads, ARGS.repeats)
+      run_hf = hf_runner(d, prompts, ARGS.threads)
+      (pre, full), (pre_c, full_c), (hf_pre, hf_full) = time_alternately([run_one, run_cores, run_hf],
+                                                                         ARGS.repeats)
     decoded = PROMPTS * SAMPLES * (NEW - 1)
     dec, dec_c, hf_dec = decoded / (full - pre), decoded / (full_c - pre_c), decoded / (hf_full - hf_pre)
     flops = decode_flops_per_token(cfg, PROMPT_LEN + NEW)
