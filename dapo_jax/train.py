@@ -55,6 +55,10 @@ class _Stop:
     logging.warning("signal %d: checkpointing after this step, then stopping (Ctrl-C again to abort)", signum)
     self.requested = True
 
+  def agreed(self) -> bool:
+    """Whether any process has been asked to stop (a collective: every process calls it at the same point)."""
+    return any(distributed.allgather_objects(self.requested))
+
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
@@ -218,7 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write(0, last_eval)
       if is_main:
         print(f"step 0: held-out avg@{config.eval.k} {last_eval['val/acc/mean']:.3f}")
-    while step < config.total_steps and not stop.requested:
+    stopping = False
+    while step < config.total_steps and not stopping:
       timings = {}
       t_step = time.perf_counter()
       model_now = trainer.model(state)
@@ -272,10 +277,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           last_eval = evaluate(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9 + step),
                                executor)
         metrics.update(last_eval)
-      if step % config.checkpoint.every == 0 or step == config.total_steps or stop.requested:
+      # The flag is read once a step, and agreed by all processes: the checkpoint here and the loop's exit
+      # follow the same reading (read twice, a signal between the reads ended the run one step past its last
+      # checkpoint), and no process stops while another goes on into the next step's collectives.
+      stopping = stop.agreed()
+      if step % config.checkpoint.every == 0 or step == config.total_steps or stopping:
         with _timed(metrics, "save_checkpoint"):
           checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state()},
-                            wait=stop.requested)
+                            wait=stopping)
       metrics["timing_s/step"] = time.perf_counter() - t_step
       writer.write(step, metrics)
       if is_main and config.log.samples_per_step:

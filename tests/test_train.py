@@ -179,6 +179,26 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_signal_after_a_steps_checkpoint_decision_still_ends_on_a_checkpoint(tmp_path, data_dir, monkeypatch):
+  # The signal lands just after step 1 decided not to checkpoint (the window a fresh-clone CI run hit): the run
+  # goes on to finish step 2, checkpoints it and stops, so its last logged step is its last checkpoint.
+  from dapo_jax.metrics import MetricWriter
+  write = MetricWriter.write
+
+  def write_then_signal(self, step, metrics):
+    write(self, step, metrics)
+    if step == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(MetricWriter, "write", write_then_signal)
+  config = tiny_config(data_dir, total_steps=5, **{"eval.every": 0, "eval.before_train": False,
+                                                   "checkpoint.every": 100})
+  train_and_evaluate(config, str(tmp_path))
+  logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert logged == [1, 2]
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == 2
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data_dir):
   config = tiny_config(data_dir, total_steps=50, **{"eval.every": 0, "checkpoint.every": 100,
                                                    "rollout.gen_chunk_size": 4})  # 2 sampler calls per batch
