@@ -1,18 +1,21 @@
 """Decode throughput of this tree's sampler against another git revision's, in one process.
 
-    .venv/bin/python benchmarks/sampler_ab.py --base 9de7311 [--models S,M] [--repeats 7]
+    .venv/bin/python benchmarks/sampler_ab.py --base 9de7311 [--models S,M] [--repeats 7] [--devices 2]
 
 Single runs of `sampler_bench.py` move 10-20% on a shared 2-core machine, more than most changes to the
 sampler, so they cannot rank two versions. Here both samplers are compiled in one process on the same weights
 (the base revision's `dapo_jax/` is copied out of git under another package name) and timed alternately; the
 best of `--repeats` is reported for each, with whether they sampled the same tokens. Shapes as in
-`sampler_bench.py`: 8 prompts x 8 samples, 32-token prompts, 128 new tokens, float32.
+`sampler_bench.py`: 8 prompts x 8 samples, 32-token prompts, 128 new tokens, float32. `--devices N` runs both
+on N host devices on a `data` mesh (each device decodes its rows in its own loop), the layout that is fastest
+at S; the default is one device.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pathlib
 import re
 import subprocess
@@ -28,6 +31,7 @@ def parse():
   p.add_argument("--base", default="HEAD", help="git revision to compare against (default: HEAD)")
   p.add_argument("--models", default="S,M")
   p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--devices", type=int, default=1, help="host devices, on a data mesh")
   return p.parse_args()
 
 
@@ -49,6 +53,9 @@ def import_revision(rev: str, workdir: str):
 def main():
   args = parse()
   sys.path.insert(0, str(ROOT))
+  # XLA reads the host device count once, when jax starts.
+  os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
+                             + os.environ.get("XLA_FLAGS", ""))
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -70,13 +77,20 @@ def main():
         H = importlib.import_module(f"{pkg}.sharding")
         cfg = M.ModelConfig(architecture="qwen2", tie_word_embeddings=True, rope_theta=10000.0,
                             max_position_embeddings=4096, **MODELS[name])
-        graphdef, state = nnx.split(M.init_sharded(cfg, H.make_mesh(devices=jax.devices()[:1]), seed=0))
+        mesh = (H.make_mesh(devices=jax.devices()[:1]) if args.devices == 1 else
+                H.make_mesh({"data": -1}, devices=jax.devices()[:args.devices]))
+        graphdef, state = nnx.split(M.init_sharded(cfg, mesh, seed=0))
         prompt, mask = S.pad_prompts(prompts, 0, PROMPT_LEN)
+        rows = jax.sharding.NamedSharding(mesh, H.logical_to_spec(("batch", None), prompt.shape, mesh))
+        prompt, mask = jax.device_put(prompt, rows), jax.device_put(mask, rows)
+        row_axes = H.row_local_axes(mesh, PROMPTS, state)
         params = S.SamplingParams(max_new_tokens=NEW, temperature=1.0)
 
-        def run(n, S=S, graphdef=graphdef, state=state, prompt=prompt, mask=mask, params=params):
-          out = S._generate(graphdef, state, jnp.asarray(prompt), jnp.asarray(mask), jax.random.key(0),
-                            jnp.asarray(n, jnp.int32), params=params, num_samples=SAMPLES, budget=NEW)
+        def run(n, S=S, graphdef=graphdef, state=state, prompt=prompt, mask=mask, params=params, mesh=mesh,
+                row_axes=row_axes):
+          with jax.set_mesh(mesh):
+            out = S._generate(graphdef, state, prompt, mask, jax.random.key(0), jnp.asarray(n, jnp.int32),
+                              params=params, num_samples=SAMPLES, budget=NEW, row_axes=row_axes)
           return jax.block_until_ready(out)
 
         runs[tag] = (run, run(NEW))
