@@ -4,7 +4,9 @@
 
 8 prompts x 8 samples, 32-token prompts, 128 new tokens (no stop token, so every row decodes all 128),
 float32 on CPU. Prefill rate = prompt tokens / prefill time; decode rate = decoded tokens / (full - prefill).
-Also measures this machine's single-matmul rate (2048^3 float32) and the share of it the decode loop reaches.
+Also measures this machine's single-matmul rate (2048^3 float32) and the share of it the decode loop reaches,
+and a ceiling: the decode rate if a step were nothing but its weight matmuls, run back to back in a loop
+(`weight_matmuls_alone`, random weights of the model's shapes), on one device and on one device per thread.
 Needs the test requirements (torch, transformers).
 
 Ours runs twice on the same weights: on one CPU device (XLA's intra-op threads split each op), and on one CPU
@@ -71,11 +73,51 @@ def matmul_rate(repeats):
   return 2 * 2048**3 / t
 
 
+def weight_matmul_shapes(cfg) -> list[tuple[int, int]]:
+  """(in, out) of every weight matmul of a decode step, in order: each layer's fused q/k/v, output, fused
+  gate/up and down projections, then the LM head."""
+  d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  qkv, nh = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.num_heads * cfg.head_dim
+  return [(d, qkv), (nh, d), (d, 2 * f), (f, d)] * cfg.num_layers + [(d, v)]
+
+
+def weight_matmuls_alone(cfg, mesh, repeats):
+  """(seconds a step, FLOPs a step per device) of a decode step's weight matmuls (`weight_matmul_shapes`,
+  random weights, the LM head tied as [V, D]) run back to back in a loop, nothing else, the 64 rows split over
+  `mesh`'s devices: the ceiling set by the matmuls alone, with every other op of a step free."""
+  rows = PROMPTS * SAMPLES // mesh.size
+  *shapes, (d, v) = weight_matmul_shapes(cfg)
+  keys = jax.random.split(jax.random.key(0), len(shapes) + 1)
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  ws = [jax.device_put(jax.random.normal(k, s) * 0.02, rep) for k, s in zip(keys, shapes)]
+  emb = jax.device_put(jax.random.normal(keys[-1], (v, d)) * 0.02, rep)
+  n = 64
+
+  def chain(x, ws, emb):
+    def body(_, x):
+      h = x
+      for w in ws:  # each output sliced to the next weight's input width (q/k/v -> heads, gate/up -> gate)
+        h = h[:, :w.shape[0]] @ w
+      return x + 1e-3 * jnp.einsum("bd,vd->bv", h, emb)[:, :d]
+    return jax.lax.fori_loop(0, n, body, x)
+
+  axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+  spec = jax.sharding.PartitionSpec(axes or None)
+  fn = jax.jit(jax.shard_map(chain, mesh=mesh, in_specs=(spec, rep.spec, rep.spec), out_specs=spec))
+  x = jax.device_put(jnp.ones((rows * mesh.size, d)), jax.sharding.NamedSharding(mesh, spec))
+  fn(x, ws, emb).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn(x, ws, emb).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return best / n, 2.0 * rows * sum(a * b for a, b in weight_matmul_shapes(cfg))
+
+
 def decode_flops_per_token(cfg, context):
   # Every matmul weight once (the tied embedding as the LM head), plus attention over `context` slots.
-  matmul_params = cfg.num_params() - cfg.hidden_size * (2 * cfg.num_layers + 1)
   attn = 2 * 2 * cfg.num_layers * context * cfg.num_heads * cfg.head_dim
-  return 2 * matmul_params + attn
+  return 2 * sum(a * b for a, b in weight_matmul_shapes(cfg)) + attn
 
 
 def ours(cfg, mesh, prompts):
@@ -153,6 +195,8 @@ def main():
       run_hf = hf_runner(d, prompts, ARGS.threads)
       (pre, full), (pre_c, full_c), (hf_pre, hf_full) = time_alternately([run_one, run_cores, run_hf],
                                                                          ARGS.repeats)
+    # Right after the three, so that the machine is in the same state.
+    ceil_one, ceil_c = (PROMPTS * SAMPLES / weight_matmuls_alone(cfg, m, ARGS.repeats)[0] for m in (one, per_core))
     decoded = PROMPTS * SAMPLES * (NEW - 1)
     dec, dec_c, hf_dec = decoded / (full - pre), decoded / (full_c - pre_c), decoded / (hf_full - hf_pre)
     flops = decode_flops_per_token(cfg, PROMPT_LEN + NEW)
@@ -162,19 +206,23 @@ def main():
            "decode_matmul_share": dec * flops / rate,
            "per_core_devices": n, "per_core_prefill_tok_s": PROMPTS * PROMPT_LEN / pre_c,
            "per_core_decode_tok_s": dec_c, "per_core_decode_speedup": dec_c / hf_dec,
-           "per_core_decode_matmul_share": dec_c * flops / rate, "per_core_same_tokens": bool(same)}
+           "per_core_decode_matmul_share": dec_c * flops / rate, "per_core_same_tokens": bool(same),
+           "matmuls_alone_tok_s": ceil_one, "per_core_matmuls_alone_tok_s": ceil_c,
+           "matmuls_alone_speedup": max(ceil_one, ceil_c) / hf_dec}
     rows.append(row)
     print(json.dumps(row))
   print()
   print(f"| model | params | decode tok/s: ours, 1 device / ours, {n} devices / transformers | decode speedup "
-        f"(1 / {n} devices) | decode share of matmul rate (1 / {n}) | prefill tok/s (ours / transformers) | "
-        "compile s |")
-  print("|---|---|---|---|---|---|---|")
+        f"(1 / {n} devices) | decode share of matmul rate (1 / {n}) | weight matmuls alone, tok/s (1 / {n} "
+        "devices), best x transformers | prefill tok/s (ours / transformers) | compile s |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['model']} | {r['params_M']:.1f}M | {r['decode_tok_s']:,.0f} / {r['per_core_decode_tok_s']:,.0f} / "
           f"{r['hf_decode_tok_s']:,.0f} | {r['decode_speedup']:.2f}x / {r['per_core_decode_speedup']:.2f}x | "
           f"{100 * r['decode_matmul_share']:.0f}% / {100 * r['per_core_decode_matmul_share']:.0f}% | "
-          f"{r['prefill_tok_s']:,.0f} / {r['hf_prefill_tok_s']:,.0f} | {r['compile_s']:.1f} |")
+          f"{r['matmuls_alone_tok_s']:,.0f} / {r['per_core_matmuls_alone_tok_s']:,.0f}, "
+          f"{r['matmuls_alone_speedup']:.2f}x | {r['prefill_tok_s']:,.0f} / {r['hf_prefill_tok_s']:,.0f} | "
+          f"{r['compile_s']:.1f} |")
     if not r["per_core_same_tokens"]:
       print(f"!! {r['model']}: the {n}-device run sampled different tokens")
   if ARGS.json:

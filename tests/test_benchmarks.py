@@ -1,0 +1,66 @@
+"""The sampler benchmarks' own arithmetic and HLO reading, which the README's tables and profile come from."""
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks import sampler_bench, sampler_profile  # noqa: E402
+from dapo_jax import model as M  # noqa: E402
+from dapo_jax import sampling, sharding  # noqa: E402
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def _cfg(**shape):
+  return M.ModelConfig(architecture="qwen2", tie_word_embeddings=True, rope_theta=10000.0,
+                       max_position_embeddings=256, **shape)
+
+
+def test_weight_matmul_shapes_are_every_parameter_but_norms_and_biases():
+  for shape in (*sampler_bench.MODELS.values(), TINY):
+    cfg = _cfg(**shape)
+    norms = cfg.hidden_size * (2 * cfg.num_layers + 1)
+    biases = cfg.num_layers * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    matmuls = sum(a * b for a, b in sampler_bench.weight_matmul_shapes(cfg))
+    assert matmuls + norms + biases == cfg.num_params()
+  # S: its 3,822,848 parameters less 2,816 in norms and 2,560 in q/k/v biases, two FLOPs each.
+  s = _cfg(**sampler_bench.MODELS["S"])
+  assert s.num_params() == 3_822_848
+  assert sampler_bench.decode_flops_per_token(s, 0) == 2 * (3_822_848 - 2_816 - 2_560)
+
+
+def test_matmuls_alone_does_a_decode_steps_matmul_flops_per_device():
+  cfg = _cfg(**TINY)
+  mesh = sharding.make_mesh({"data": -1}, devices=jax.devices()[:2])
+  seconds, flops = sampler_bench.weight_matmuls_alone(cfg, mesh, repeats=1)
+  rows = sampler_bench.PROMPTS * sampler_bench.SAMPLES // 2
+  assert flops == rows * sampler_bench.decode_flops_per_token(cfg, 0)
+  assert seconds > 0
+
+
+def test_profile_reads_the_decode_loops_ops_from_the_compiled_sampler():
+  cfg = _cfg(**TINY)
+  graphdef, state = nnx.split(M.init_sharded(cfg, sharding.make_mesh(devices=jax.devices()[:1]), seed=0))
+  prompt, mask = sampling.pad_prompts([[1, 2, 3], [4, 5]], 0)
+  params = sampling.SamplingParams(max_new_tokens=16, temperature=1.0)
+  hlo = sampling._generate.lower(graphdef, state, jnp.asarray(prompt), jnp.asarray(mask), jax.random.key(0),
+                                 jnp.asarray(16, jnp.int32), params=params, num_samples=2,
+                                 budget=16).compile().as_text()
+  ops = sampler_profile.loop_ops(hlo)
+  kinds = [d.split(" ")[0] for d in ops.values()]
+  layers = cfg.num_layers
+  # A 16-token budget is one cache segment, one loop: per layer q/k/v, output, gate/up and down, then the
+  # LM head; attention is a scores and a values dot for each of the prompt part and the generated part.
+  assert kinds.count("matmul") == 4 * layers + 1
+  assert kinds.count("attention") == 2 * 2 * layers
+  assert kinds.count("other:") > 0
+  heads = [d for d in ops.values() if d.startswith("matmul") and "contracted on dim 1" in d]
+  assert heads == [f"matmul f32[4,{cfg.vocab_size}] (K={cfg.hidden_size}, weight contracted on dim 1)"]
+  assert sampler_profile.matmul_flops(heads[0]) == 2.0 * 4 * cfg.vocab_size * cfg.hidden_size
+  np.testing.assert_equal(sorted(ops), sorted(set(ops)))
