@@ -10,7 +10,9 @@ Aggregation (`agg`):
   seq-mean-token-sum-norm  sum of L / (sequences x norm_len), norm_len a constant such as the maximum
                            response length (Dr. GRPO)
 
-Exact across micro-batches and devices: pass the mini-batch totals (`num_tokens`, `num_seqs`) and each
+Sequences are the rows with at least one loss token: rows whose loss is masked whole (overlong filtering,
+padding) count in no mode. Exact across micro-batches and devices: pass the mini-batch totals (`num_tokens`,
+`num_seqs`) and each
 micro-batch's loss is its share of the mini-batch loss, so the sum of micro-batch gradients is the
 mini-batch gradient however the batch is split. (The reference takes a token mean per micro-batch and
 weights it by sequence count, which is not the paper's token mean when token counts differ.)
@@ -45,7 +47,9 @@ def aggregate(loss_BxT, mask_BxT, agg: str, *, num_tokens=None, num_seqs=None, n
   mask_BxT = mask_BxT.astype(loss_BxT.dtype)
   masked = loss_BxT * mask_BxT
   if num_seqs is None:
-    num_seqs = loss_BxT.shape[0]
+    num_seqs = count_sequences(mask_BxT)
+  # A sequence with no loss token (overlong-filtered, or padding) is not a sequence of the mean.
+  num_seqs = jnp.maximum(num_seqs, 1.0)
   if agg == "token-mean":
     if num_tokens is None:
       num_tokens = jnp.sum(mask_BxT)
@@ -60,6 +64,11 @@ def aggregate(loss_BxT, mask_BxT, agg: str, *, num_tokens=None, num_seqs=None, n
       norm_len = loss_BxT.shape[1]
     return jnp.sum(masked) / (num_seqs * norm_len)
   raise ValueError(f"loss aggregation {agg!r} is not one of {AGG_MODES}")
+
+
+def count_sequences(mask_BxT):
+  """How many rows hold at least one loss token: the sequence count of the seq-mean modes."""
+  return jnp.sum(jnp.any(mask_BxT > 0, axis=-1).astype(jnp.float32))
 
 
 def entropy_from_logits(logits_BxTxV):

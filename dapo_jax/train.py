@@ -28,7 +28,7 @@ from dapo_jax.dynamic_sampling import DynamicSampling, GroupAccumulator, concat_
 from dapo_jax.metrics import MetricWriter, Progress, plot_run
 from dapo_jax.rewards import OverlongShaping, RewardExecutor
 from dapo_jax.sampling import Rollout, SamplingParams, generate
-from dapo_jax.train_step import Batch, Trainer
+from dapo_jax.train_step import Batch, Trainer, pad_rows
 from dapo_jax import tasks
 
 _PROMPT_KEYS = ("prompt_BxP", "prompt_mask_BxP")
@@ -247,6 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         loss_mask = batch["mask_BxN"] * overlong.loss_mask(batch["truncated_B"])[:, None]
       update_batch = Batch(batch["prompt_BxP"], batch["prompt_mask_BxP"], batch["tokens_BxN"],
                            loss_mask.astype(np.float32), batch["sampler_logp_BxN"], adv_B)
+      # Fewer kept groups than the batch (on_exhausted="train_on_kept"): padded, see `pad_rows`.
+      update_batch = pad_rows(update_batch, config.rollout.train_batch_size * config.rollout.group_size)
       sharded = trainer.shard_batch(update_batch)
       if not config.actor.reuse_sampler_logprobs:
         with _timed(timings, "old_log_prob"):

@@ -77,6 +77,32 @@ class Batch(NamedTuple):
   ref_logp_BxN: Any = None
 
 
+def pad_rows(batch: Batch, rows: int) -> Batch:
+  """`batch` grown to `rows` rows by repeating its rows with no loss token and zero advantage.
+
+  A short batch (dynamic sampling's `on_exhausted="train_on_kept"`) keeps the update's shapes this way, so
+  it needs no new compilation and its micro-batches keep their size: the padding adds to no loss, gradient
+  or sequence count, and a mini-batch of padding alone is no update (see `Trainer.update`). So K kept rows
+  train as ceil(K / mini-batch rows) mini-batches, the last one short."""
+  have = np.asarray(batch.adv_B).shape[0]
+  if have == rows:
+    return batch
+  if not 0 < have < rows:
+    raise ValueError(f"pad_rows: cannot pad a batch of {have} rows to {rows}")
+  take = np.arange(rows - have) % have
+
+  def grow(x, zero=False):
+    if x is None:
+      return None
+    x = np.asarray(x)
+    extra = np.zeros_like(x[take]) if zero else x[take]
+    return np.concatenate([x, extra])
+
+  return Batch(grow(batch.prompt_BxP), grow(batch.prompt_mask_BxP), grow(batch.tokens_BxN),
+               grow(batch.mask_BxN, zero=True), grow(batch.old_logp_BxN), grow(batch.adv_B, zero=True),
+               grow(batch.ref_logp_BxN))
+
+
 def lr_at(cfg: UpdateConfig, step) -> jax.Array:
   """transformers' constant schedule with warmup, stepped once per rollout step: step/warmup, then 1."""
   return cfg.lr * jnp.where(step < cfg.warmup_steps, step / max(1, cfg.warmup_steps), 1.0)
@@ -227,7 +253,7 @@ class Trainer:
 
   def minibatch_grads(self, params, mini: Batch):
     """Gradient of one mini-batch ([m, b, ...]) accumulated over its micro-batches; (loss, grads, metrics)."""
-    totals = (jnp.sum(mini.mask_BxN.astype(jnp.float32)), mini.adv_B.shape[0] * mini.adv_B.shape[1])
+    totals = (jnp.sum(mini.mask_BxN.astype(jnp.float32)), loss_lib.count_sequences(mini.mask_BxN))
     grad_fn = jax.value_and_grad(self.microbatch_loss, has_aux=True)
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
@@ -254,19 +280,25 @@ class Trainer:
       loss, grads, metrics = self.minibatch_grads(params, mini)
       norm = optax.tree.norm(grads)
       finite = jnp.isfinite(norm)
+      # A mini-batch with no loss token (all padding: see `pad_rows`; or every row overlong-filtered) is no
+      # update: an optimizer step on zero gradients would still move the weights (momentum, weight decay).
+      active = jnp.any(mini.mask_BxN > 0)
       scale = jnp.minimum(1.0, cfg.grad_clip / (norm + 1e-6))
       grads = jax.tree.map(lambda g: g * scale, grads)
       step_updates, new_opt = tx.update(grads, opt, params)
       new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, step_updates)
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-      carry = (keep(new_params, params), keep(new_opt, opt), updates + finite.astype(jnp.int32),
+      apply = finite & active
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)  # noqa: E731
+      carry = (keep(new_params, params), keep(new_opt, opt), updates + apply.astype(jnp.int32),
                skipped + (~finite).astype(jnp.int32))
       metrics = dict(metrics, grad_norm=norm, loss=loss)
-      return carry, metrics
+      return carry, (metrics, active)
 
-    (params, opt, updates, skipped), per_update = jax.lax.scan(
+    (params, opt, updates, skipped), (per_update, active_M) = jax.lax.scan(
         one_update, (state.params, state.opt, state.updates, state.skipped), batch)
-    metrics = {f"actor/{k}": jnp.mean(v) for k, v in per_update.items()}
+    # Averages over the mini-batches that hold loss tokens.
+    weight_M = active_M.astype(jnp.float32) / jnp.maximum(jnp.sum(active_M), 1)
+    metrics = {f"actor/{k}": jnp.sum(v * weight_M) for k, v in per_update.items()}
     metrics["actor/lr"] = lr
     metrics["actor/skipped_updates"] = (skipped - state.skipped).astype(jnp.float32)
     return TrainState(params, opt, state.step + 1, updates, skipped), metrics

@@ -171,3 +171,14 @@ def test_entropy_metric_and_bad_arguments():
     policy_loss(jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.ones(1), jnp.ones((1, 1)), agg="sum")
   with pytest.raises(ValueError, match="clip_c=0.5"):
     policy_loss(jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.ones(1), jnp.ones((1, 1)), clip_c=0.5)
+
+
+def test_seq_mean_modes_count_only_rows_with_loss_tokens():
+  # Row 1 is overlong-filtered (mask all zero): it is not a sequence of the mean. Row 0's token mean is 1.0.
+  loss_BxT = jnp.array([[1.0, 1.0, 0.0], [5.0, 5.0, 5.0]])
+  mask = jnp.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+  assert float(aggregate(loss_BxT, mask, "seq-mean-token-mean")) == 1.0
+  assert float(aggregate(loss_BxT, mask, "seq-mean-token-sum")) == 2.0
+  assert float(aggregate(loss_BxT, mask, "seq-mean-token-sum-norm", norm_len=4)) == 0.5
+  assert float(aggregate(loss_BxT, mask, "token-mean")) == 1.0
+  assert float(aggregate(loss_BxT, jnp.zeros_like(mask), "seq-mean-token-mean")) == 0.0

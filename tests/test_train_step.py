@@ -7,7 +7,7 @@ import pytest
 from dapo_jax import model as M
 from dapo_jax import sharding
 from dapo_jax.sampling import SamplingParams, generate
-from dapo_jax.train_step import Batch, Trainer, UpdateConfig
+from dapo_jax.train_step import Batch, Trainer, UpdateConfig, pad_rows
 
 ONE = sharding.make_mesh(devices=jax.devices()[:1])
 CFG = M.preset("tiny", num_heads=8, num_kv_heads=4)
@@ -112,6 +112,38 @@ def test_non_finite_update_is_skipped_and_no_recompilation():
   state, _ = t.update(state, t.shard_batch(batch))
   state, _ = t.update(state, t.shard_batch(batch))
   assert t.update._cache_size() == 1 and int(state.step) == 3
+
+
+def test_a_short_batch_padded_trains_as_its_own_mini_batches_without_a_new_program():
+  model = M.init_sharded(CFG, ONE, seed=4)
+  _, batch = rollout_batch(model, seed=3)  # 16 rows
+  batch = batch._replace(old_logp_BxN=batch.old_logp_BxN + np.random.default_rng(6).normal(
+      0, 0.3, batch.old_logp_BxN.shape).astype(np.float32))
+  cfg = dict(lr=1e-3, warmup_steps=0, weight_decay=0.1)
+  full = Trainer(model, UpdateConfig(num_mini_batches=4, **cfg), ONE)  # 4 rows a mini-batch
+  state, _ = full.update(full.init_state(model), full.shard_batch(batch))
+  # Dynamic sampling kept 6 of the 16 rows: padded, they train as two mini-batches (4 rows, then 2), the
+  # same as those rows as a batch of their own; the padding-only mini-batches move nothing.
+  short = Batch(*(None if x is None else x[:6] for x in batch))
+  padded = pad_rows(short, 16)
+  assert np.asarray(padded.mask_BxN)[6:].sum() == 0 and np.all(np.asarray(padded.adv_B)[6:] == 0)
+  got, m = full.update(full.init_state(model), full.shard_batch(padded))
+  assert full.update._cache_size() == 1 and int(got.updates) == 2
+  want = full.init_state(model)
+  metrics = []
+  for rows in (slice(0, 4), slice(4, 6)):
+    t = Trainer(model, UpdateConfig(num_mini_batches=1, **cfg), ONE)
+    part = Batch(*(None if x is None else x[rows] for x in short))
+    want, mw = t.update(want, t.shard_batch(part))  # lr is constant (no warmup), so the step number is moot
+    metrics.append(mw)
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  for k in ("actor/pg_loss", "actor/grad_norm", "actor/pg_clipfrac"):
+    np.testing.assert_allclose(float(m[k]), np.mean([float(x[k]) for x in metrics]), rtol=1e-5, err_msg=k)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(state.params)))
+  with pytest.raises(ValueError, match="cannot pad a batch of 0 rows"):
+    pad_rows(Batch(*(None if x is None else x[:0] for x in batch)), 16)
 
 
 def test_recomputed_old_logprobs_equal_the_samplers():
