@@ -2,12 +2,16 @@
 optimizer state, counters) and a JSON record (data position, dynamic-sampling carry-over, config).
 
 Saves are asynchronous and keep the last K. Restoring walks back from the newest checkpoint: one that fails
-to read (truncated, corrupted, half-written) is reported with a warning and the previous one is used.
+to read (truncated, corrupted, half-written, or of another model) is reported with a warning, moved aside to
+`<step>.unreadable` in the same folder (kept, for inspection) and the previous one is used. Moving it matters:
+orbax writes no step at or below the newest one on disk, so a run resumed from step 10 past an unreadable
+step 20 would otherwise silently save nothing until step 30.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +55,14 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, record: dict, *, wait: bool = False):
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    record=ocp.args.JsonSave(_encode(record))))
+    """Saves `step`; one already saved is left as it is. Raises if orbax refuses a new step."""
+    if step in self.manager.all_steps():
+      return
+    saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            record=ocp.args.JsonSave(_encode(record))))
+    if not saved:
+      raise RuntimeError(f"checkpoint step {step} was not written to {self.directory}: orbax refused it (steps "
+                         f"on disk: {self.steps()}); move the newer steps out of the folder to go on")
     if wait:
       self.manager.wait_until_finished()
 
@@ -67,9 +77,24 @@ class Checkpointer:
         jax.block_until_ready(state)
         return step, state, _decode(restored["record"])
       except Exception as e:  # noqa: BLE001 -- any read failure means this checkpoint is unusable
-        logging.warning("checkpoint %s/%d is unreadable (%s: %s); trying the previous one", self.directory, step,
-                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+        aside = self._move_aside(step)
+        logging.warning("checkpoint %s/%d is unreadable (%s: %s); moved to %s, trying the previous one",
+                        self.directory, step, type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "",
+                        aside.name)
     return None
+
+  def _move_aside(self, step: int) -> Path:
+    """Renames an unreadable step's folder out of orbax's sight (one process renames, all wait)."""
+    aside = self.directory / f"{step}.unreadable"
+    if aside.exists():
+      aside = self.directory / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint: step {step} moved aside")
+    self.manager.reload()
+    return aside
 
   def wait(self):
     self.manager.wait_until_finished()

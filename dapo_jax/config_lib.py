@@ -30,6 +30,9 @@ def validate(config, mesh=None) -> None:
   if not isinstance(config.total_steps, int) or config.total_steps < 0:
     # 0 is a valid run: the warm start and checkpoint 0, to continue from later.
     _fail("total_steps", f"must be a non-negative integer, got {config.total_steps!r}")
+  every = config.checkpoint.every
+  if not isinstance(every, int) or every < 0:
+    _fail("checkpoint.every", f"must be a non-negative integer (0: only at the end and on a stop), got {every!r}")
   if config.dynamic_sampling.enable and r.group_size < 2:
     _fail("rollout.group_size", "dynamic sampling needs groups of at least 2 responses")
   if r.train_batch_size % u.mini_batch_size:

@@ -130,6 +130,8 @@ def eval_rows_for(dataset: str, config, tokenizer):
   from dapo_jax.data import math_datasets as md
   if dataset == "task":
     return tasks.build(config, Path(".")).eval_rows
+  if dataset not in md.SOURCES:
+    raise ValueError(f"evaluate: unknown dataset {dataset!r}; known: 'task', {', '.join(map(repr, md.SOURCES))}")
   split = "test" if "test" in md.SOURCES[dataset][1] else next(iter(md.SOURCES[dataset][1]))
   builder = md.math_builder(dataset, config.data.source_dir, str(Path(os.path.expanduser(config.data.dir)) / "tfds"))
   rows = md.read_builder_split(builder, split)

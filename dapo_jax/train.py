@@ -283,7 +283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # follow the same reading (read twice, a signal between the reads ended the run one step past its last
       # checkpoint), and no process stops while another goes on into the next step's collectives.
       stopping = stop.agreed()
-      if step % config.checkpoint.every == 0 or step == config.total_steps or stopping:
+      every = config.checkpoint.every  # 0: only at the end and on a stop
+      if (every and step % every == 0) or step == config.total_steps or stopping:
         with _timed(metrics, "save_checkpoint"):
           checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state()},
                             wait=stopping)

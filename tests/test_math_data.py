@@ -175,6 +175,8 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
   mesh = sharding.make_mesh(dict(c.mesh))
   model, tok = evaluate.load_policy(str(workdir), c, mesh)
   eval_rows = evaluate.eval_rows_for("gsm8k", c, tok)[:3]
+  with pytest.raises(ValueError, match="unknown dataset 'aime2024'; known: 'task', .*'aime24'"):
+    evaluate.eval_rows_for("aime2024", c, tok)
   with jax.set_mesh(mesh):
     summary = evaluate.evaluate_rows(model, tok, eval_rows, k=4, temperature=1.0, top_p=0.7,
                                      max_new_tokens=16, workers=0)

@@ -100,6 +100,7 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
     ("reward.name", "nope", "reward.name: unknown reward 'nope'"),
     ("rollout.group_size", 1, "rollout.group_size: dynamic sampling needs groups of at least 2"),
     ("actor.loss_agg", "sum", "actor.loss_agg: 'sum' is not one of"),
+    ("checkpoint.every", -1, "checkpoint.every: must be a non-negative integer"),
 ])
 def test_config_is_validated_before_anything_is_built(tmp_path, data_dir, field, value, match):
   with pytest.raises(config_lib.ConfigValidationError, match=match):
@@ -129,6 +130,23 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
   assert step == 1 and record["data"]["index"] == 1
   np.testing.assert_array_equal(np.asarray(state["w"]), np.ones(4))
   assert any("checkpoint" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+  # The unreadable step is kept beside, out of orbax's way: the resumed run's next saves are written.
+  assert (tmp_path / "2.unreadable").is_dir() and ck.steps() == [1]
+  ck.save(2, {"w": jnp.full((4,), 7.0)}, {"data": {"index": 2}, "carry": []}, wait=True)
+  ck.save(3, {"w": jnp.full((4,), 8.0)}, {"data": {"index": 3}, "carry": []}, wait=True)
+  assert ck.steps() == [1, 2, 3]
+  step, state, _ = ck.restore_latest(abstract)
+  assert step == 3 and float(state["w"][0]) == 8.0
+  ck.close()
+
+
+def test_a_save_orbax_refuses_is_an_error(tmp_path):
+  ck = ckpt_lib.Checkpointer(tmp_path, max_to_keep=3, asynchronous=False)
+  ck.save(5, {"w": jnp.zeros(2)}, {"data": {}, "carry": []})
+  ck.save(5, {"w": jnp.ones(2)}, {"data": {}, "carry": []})  # already saved: left as it is
+  with pytest.raises(RuntimeError, match="checkpoint step 3 was not written"):
+    ck.save(3, {"w": jnp.ones(2)}, {"data": {}, "carry": []})
+  ck.close()
 
 
 def test_carry_over_round_trips_exactly():
