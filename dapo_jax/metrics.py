@@ -11,15 +11,23 @@ from typing import Mapping
 
 
 class MetricWriter:
-  """Writes `metrics.jsonl` and TensorBoard events in the workdir (process 0 only)."""
+  """Writes `metrics.jsonl` and TensorBoard events in the workdir (process 0 only).
 
-  def __init__(self, workdir: str | Path, *, enabled: bool = True):
+  `resume_from`: the checkpoint step a resumed run continues from. What the run logged after it (steps it will
+  log again) is dropped: from `metrics.jsonl` and `samples.jsonl`, and hidden in TensorBoard (purge_step)."""
+
+  def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_from: int | None = None):
     self.enabled = enabled
     self.path = Path(workdir) / "metrics.jsonl"
     self._tb = None
     if enabled:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+      purge = None
+      if resume_from is not None:
+        # Step 0's row is the pre-training evaluation, which a run resumed at step 0 repeats.
+        trim_logs(workdir, resume_from if resume_from > 0 else -1)
+        purge = resume_from + 1 if resume_from > 0 else 0
+      self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
 
   def write(self, step: int, metrics: Mapping[str, float]):
     if not self.enabled:
@@ -35,6 +43,26 @@ class MetricWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def trim_logs(workdir: str | Path, through_step: int):
+  """Keeps the rows of `metrics.jsonl` and `samples.jsonl` up to `through_step` (and drops a line a kill cut
+  short), rewriting each file whole under a temporary name first."""
+  for name in ("metrics.jsonl", "samples.jsonl"):
+    path = Path(workdir) / name
+    if not path.is_file():
+      continue
+    keep = []
+    for line in path.read_text().splitlines():
+      try:
+        step = json.loads(line)["step"]
+      except (ValueError, KeyError, TypeError):
+        continue
+      if step <= through_step:
+        keep.append(line + "\n")
+    tmp = path.with_name(name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:

@@ -177,7 +177,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"micro-batches (actor.micro_batch_size) or generation batches")
   _check_workdir_config(workdir, config)
   is_main = distributed.is_main()
-  writer = MetricWriter(workdir, enabled=is_main)
   base_key = jax.random.key(config.seed)
   timings: dict[str, float] = {}
 
@@ -208,6 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("resumed from %s at step %d", checkpointer.directory, step)
       if distributed.is_main():
         print(f"resumed from checkpoint step {step}")
+  writer = MetricWriter(workdir, enabled=is_main, resume_from=None if restored is None else step)
 
   overlong = OverlongShaping(max_len=config.rollout.max_response_length, buffer=config.overlong.buffer,
                              factor=config.overlong.factor, enable=config.overlong.enable,

@@ -195,6 +195,20 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
   assert "resumed from checkpoint step" in out
   for a, b in zip(_final_params(tmp_path / "straight", 4), _final_params(tmp_path / "killed", 4)):
     np.testing.assert_array_equal(a, b)
+  # The steps logged after the checkpoint and logged again on resume are not in the logs twice.
+  for name in ("metrics.jsonl", "samples.jsonl"):
+    steps = [[json.loads(line)["step"] for line in (tmp_path / run / name).read_text().splitlines()]
+             for run in ("straight", "killed")]
+    assert steps[0] == steps[1] and steps[0][-1] == 4, name
+
+
+def test_trim_logs_keeps_rows_through_a_step_and_drops_a_cut_line(tmp_path):
+  from dapo_jax.metrics import trim_logs
+  (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "x": 2.0}\n{"step": 2}\n{"step": 3, "x"')
+  trim_logs(tmp_path, 1)
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n{"step": 1, "x": 2.0}\n'
+  trim_logs(tmp_path, -1)
+  assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_a_signal_after_a_steps_checkpoint_decision_still_ends_on_a_checkpoint(tmp_path, data_dir, monkeypatch):
