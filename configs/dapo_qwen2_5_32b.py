@@ -49,5 +49,6 @@ def get_config(arg=None):
   c.actor.mini_batch_size, c.actor.micro_batch_size = 32, 8
   c.actor.kl_coef, c.actor.entropy_coef = 0.0, 0.0
   c.eval.every, c.eval.num_problems, c.eval.k, c.eval.temperature, c.eval.top_p = 5, 30, 32, 1.0, 0.7
+  c.eval.chunk_size = 4  # problems (x 32 samples) per sampler call: 128 rows, as a generation chunk
   c.checkpoint.every, c.checkpoint.keep = 5, 3
   return c

@@ -87,7 +87,8 @@ def get_config(arg=None):
   c.actor.entropy_coef = 0.0
 
   c.eval = ml_collections.ConfigDict(
-      {"every": 20, "num_problems": 100, "k": 4, "temperature": 1.0, "top_p": 1.0, "before_train": True})
+      {"every": 20, "num_problems": 100, "k": 4, "temperature": 1.0, "top_p": 1.0, "before_train": True,
+       "chunk_size": 0})  # chunk_size: problems (x k) per sampler call, 0 = all; bounds the KV cache
   c.checkpoint = ml_collections.ConfigDict({"every": 20, "keep": 3, "asynchronous": True})
   c.log = ml_collections.ConfigDict({"progress": True, "samples_per_step": 2})
   return c

@@ -79,6 +79,12 @@ def validate(config, mesh=None) -> None:
     _fail("rollout.temperature", f"must be > 0 for RL sampling, got {r.temperature}")
   if config.eval.every and (config.eval.k <= 0 or config.eval.num_problems <= 0):
     _fail("eval", "k and num_problems must be positive")
+  chunk = config.eval.get("chunk_size", 0)
+  if not isinstance(chunk, int) or chunk < 0:
+    _fail("eval.chunk_size", f"must be a non-negative integer (0: every problem in one call), got {chunk!r}")
+  if mesh is not None and chunk and (chunk * config.eval.k) % data:
+    _fail("eval.chunk_size", f"{chunk} problems x {config.eval.k} samples do not divide over the {data} devices "
+          f"of the mesh's data axes")
 
 
 def update_config(config) -> UpdateConfig:

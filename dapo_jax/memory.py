@@ -76,9 +76,13 @@ def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_r
 
 
 def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict) -> MemoryEstimate:
-  r = config.rollout
-  gen_prompts = r.gen_chunk_size or r.gen_batch_size
+  r, e = config.rollout, config.eval
+  gen_rows = (r.gen_chunk_size or r.gen_batch_size) * r.group_size
+  if e.every or e.get("before_train", False):
+    # Evaluation samples too, `eval.chunk_size` problems x k a call (slightly over: a prompt's keys and
+    # values are counted once per group of rollout.group_size rows, not of k).
+    gen_rows = max(gen_rows, (e.get("chunk_size", 0) or e.num_problems) * e.k)
   return estimate(model_cfg, mesh_shape=mesh_shape, micro_batch_rows=config.actor.micro_batch_size,
-                  gen_rows=gen_prompts * r.group_size, prompt_len=config.data.max_prompt_length,
+                  gen_rows=gen_rows, prompt_len=config.data.max_prompt_length,
                   response_len=r.max_response_length, device_gib=config.hardware.device_memory_gib,
                   group_size=r.group_size)

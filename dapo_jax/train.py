@@ -129,7 +129,19 @@ def evaluate(model, task: tasks.Task, config, rng, executor: RewardExecutor) -> 
   tok = task.tokenizer
   params = SamplingParams(max_new_tokens=config.rollout.max_response_length, temperature=e.temperature,
                           top_p=e.top_p, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-  out = distributed.to_host(generate(model, [r["prompt_ids"] for r in rows], params, rng, num_samples=e.k))
+  # `eval.chunk_size` problems (x k samples) per sampler call bounds the KV cache, as rollout.gen_chunk_size
+  # does for training; the last chunk is filled up with repeats of its first problem (one program), which are
+  # then dropped.
+  size = e.get("chunk_size", 0) or len(rows)
+  parts = []
+  for i, start in enumerate(range(0, len(rows), size)):
+    prompts = [r["prompt_ids"] for r in rows[start:start + size]]
+    real = len(prompts) * e.k
+    prompts += [prompts[0]] * (size - len(prompts))
+    key = rng if size >= len(rows) else jax.random.fold_in(rng, i)
+    o = distributed.to_host(generate(model, prompts, params, key, num_samples=e.k))
+    parts.append({k: np.asarray(v)[:real] for k, v in o._asdict().items()})
+  out = Rollout(**concat_rows(parts, left_padded=("prompt_BxP", "prompt_mask_BxP")))
   tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
   results = _score_shared(executor, [tok.decode(tokens[i][mask[i]]) for i in range(len(tokens))],
                           [rows[i // e.k]["answer"] for i in range(len(tokens))])

@@ -251,3 +251,17 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data_dir):
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   last = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
   assert 0 < last < 50 and steps[-1] == last
+
+
+def test_evaluation_in_chunks_equals_one_call_when_greedy(tmp_path, data_dir):
+  from dapo_jax import tasks, train
+  from dapo_jax.rewards.executor import RewardExecutor
+  config = tiny_config(data_dir, **{"eval.temperature": 0.0, "eval.num_problems": 5, "eval.k": 2})
+  mesh = sharding.make_mesh({"data": 2}, devices=jax.devices()[:2])
+  task = tasks.build(config, tmp_path)
+  model = tasks.build_policy(config, task, mesh)
+  with RewardExecutor(config.reward.name, workers=0, timeout_s=5.0) as executor, jax.set_mesh(mesh):
+    whole = train.evaluate(model, task, config, jax.random.key(0), executor)
+    config.eval.chunk_size = 2  # 2 + 2 + 1 problems, the last call filled up to 2 and the extra dropped
+    chunked = train.evaluate(model, task, config, jax.random.key(0), executor)
+  assert whole == chunked and 0.0 < whole["val/response_length/mean"]
