@@ -155,6 +155,12 @@ def main(argv):
   from dapo_jax import sharding
   F = flags.FLAGS
   config = F.config
+  run_config = Path(F.checkpoint) / "run_config.json"
+  if run_config.is_file() and not F["config"].present:
+    # A training workdir: its config as it ran (model overrides and all), not configs/default.py.
+    import ml_collections
+    config = ml_collections.ConfigDict(json.loads(run_config.read_text()))
+    print(f"config: {run_config}")
   mesh = sharding.make_mesh(dict(config.mesh))
   # Built outside `jax.set_mesh`: abstract models carry logical axis names, which are not mesh axes.
   model, tokenizer = load_policy(F.checkpoint, config, mesh)
@@ -178,7 +184,8 @@ def _define_flags():
   from absl import flags
   from ml_collections import config_flags
   default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
-  config_flags.DEFINE_config_file("config", default, "The run's config file.", lock_config=True)
+  config_flags.DEFINE_config_file("config", default, "The run's config file (default: a training workdir's own "
+                                  "run_config.json, else configs/default.py).", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "A Hugging Face checkpoint dir or a training workdir.", required=True)
   flags.DEFINE_string("dataset", "task", "'task' (the config's held-out split) or aime24, aime25, amc2023, "
                       "math500, gsm8k, dapo_aime24.")

@@ -84,6 +84,14 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
   assert any((tmp_path / "tensorboard").iterdir())
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
   assert (tmp_path / "samples.jsonl").is_file()
+  # The evaluation CLI on the workdir, with no --config, evaluates it with the config it ran with (2 layers).
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, "-m", "dapo_jax.evaluate", f"--checkpoint={tmp_path}", "--dataset=task",
+                        "--k=2", "--limit=4", "--max_new_tokens=8"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  assert "run_config.json" in out.stdout and "checkpoint step 3" in out.stdout
+  assert json.loads((tmp_path / "eval_task_k2.json").read_text())["k"] == 2
   # The same workdir with another config is refused; with the override it resumes (and has nothing to do).
   with pytest.raises(ValueError, match=r"holds a run of another config \(fields differ: \['actor.lr'\]"):
     train_and_evaluate(tiny_config(data_dir, **{"actor.lr": 5e-4}), str(tmp_path))
