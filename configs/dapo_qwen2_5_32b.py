@@ -1,6 +1,6 @@
 """DAPO on Qwen2.5-32B, the paper's headline recipe (AIME 2024 avg@32 50; verl's reproduction 52).
 
-    python -m dapo_jax.main --config=configs/dapo_qwen2_5_32b.py --workdir=gs://BUCKET/dapo32b \
+    python -m dapo_jax.main --config=configs/dapo_qwen2_5_32b.py --workdir=/mnt/gcs/dapo32b \
         --config.model.hf_path=/path/to/Qwen2.5-32B --config.data.source_dir=/path/to/data
 
 Hyperparameters as the paper and verl's run_dapo_qwen2.5_32b.sh: 512 prompts x 16 responses per step from

@@ -175,6 +175,10 @@ def _check_workdir_config(workdir: Path, config) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains with DAPO per `config`, writing metrics, checkpoints and plots to `workdir`; returns the last
   evaluation's metrics."""
+  if "://" in str(workdir):
+    # Path() would turn gs://b/x into a local ./gs:/b/x on every worker: each would write its own.
+    raise ValueError(f"--workdir={workdir}: URLs are not supported; give a path every process can reach (a shared "
+                     f"disk, or the bucket mounted with gcsfuse, e.g. /mnt/gcs/runs/x)")
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(dict(config.mesh))

@@ -4,7 +4,7 @@
 #
 #   TPU_NAME=dapo-v4 ZONE=us-central2-b ACCELERATOR_TYPE=v4-64 bash launch/tpu_pod.sh \
 #       --config=configs/dapo_qwen2_5_32b.py --config.model.hf_path=/mnt/models/Qwen2.5-32B \
-#       --workdir=gs://my-bucket/runs/dapo32b
+#       --workdir=/mnt/gcs/runs/dapo32b
 #   TPU_NAME=dapo-v4 ZONE=us-central2-b STEP=run bash launch/tpu_pod.sh ...     # skip create / copy / setup
 #   TPU_NAME=dapo-v4 ZONE=us-central2-b STEP=delete bash launch/tpu_pod.sh      # give the slice back
 #
@@ -19,8 +19,9 @@
 #   LIBTPU_INIT_ARGS     passed to the run (default below: async collective fusion, overlapping the FSDP
 #                        all-gathers with compute)
 #   XLA_FLAGS            passed to the run as given
-# The workdir must be reachable from every worker (a gs:// bucket or a shared disk): Orbax writes each
-# worker's shards there; only worker 0 writes metrics, logs and plots.
+# The workdir must be a path every worker reaches (a shared disk, or a bucket mounted at the same path on each
+# worker with gcsfuse; gs:// URLs are refused): Orbax writes each worker's shards there; only worker 0 writes
+# metrics, logs and plots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"

@@ -116,6 +116,13 @@ def test_config_is_validated_before_anything_is_built(tmp_path, data_dir, field,
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, data_dir, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match="--workdir=gs://bucket/run: URLs are not supported; give a path every"):
+    train_and_evaluate(tiny_config(data_dir), "gs://bucket/run")
+  assert not any(tmp_path.iterdir())
+
+
 def test_generation_batch_must_divide_the_mesh(data_dir):
   mesh = sharding.make_mesh({"data": 8})
   with pytest.raises(config_lib.ConfigValidationError, match="rollout.gen_batch_size: 3 prompts x 4 responses do "
