@@ -38,7 +38,10 @@ def summarize(problems: list[dict], k: int) -> dict:
     accs = [bool(r["acc"]) for r in p["results"]]
     preds = [str(r.get("pred", "")) for r in p["results"]]
     vote = majority(preds)
-    vote_acc = any(r["acc"] for r, pr in zip(p["results"], preds) if pr == vote)
+    # No "pred" from the reward (a custom one may not give it): no vote to take, so no maj@k (it would be
+    # pass@k under another name).
+    has_pred = any("pred" in r for r in p["results"])
+    vote_acc = any(r["acc"] for r, pr in zip(p["results"], preds) if pr == vote) if has_pred else float("nan")
     row = {"index": p.get("index"), "answer": p["answer"], "correct": sum(accs), "n": len(accs),
            f"avg@{k}": float(np.mean(accs)), f"maj@{k}": float(vote_acc), "majority_pred": vote}
     for kk in ks:

@@ -99,12 +99,16 @@ def write_manifest(points: Sequence[Point], config_spec: str, sweep_dir: str | P
 # --- reading a sweep back ---
 
 def load_sweep(sweep_dir: str | Path) -> dict[str, list[dict]]:
-  """{setting name: [{"run", "overrides", "metrics": rows}, ...]} in the manifest's order."""
+  """{setting name: [{"run", "overrides", "metrics": rows, "total_steps"}, ...]} in the manifest's order;
+  total_steps from the run's run_config.json (None before the run has started)."""
   manifest = json.loads((Path(sweep_dir) / "sweep.json").read_text())
   out: dict[str, list[dict]] = {}
   for p in manifest["points"]:
-    out.setdefault(p["name"], []).append(
-        {"run": p["run"], "overrides": p["overrides"], "metrics": read_metrics(Path(sweep_dir) / p["run"])})
+    run_dir = Path(sweep_dir) / p["run"]
+    saved = run_dir / "run_config.json"
+    total = json.loads(saved.read_text()).get("total_steps") if saved.is_file() else None
+    out.setdefault(p["name"], []).append({"run": p["run"], "overrides": p["overrides"],
+                                          "metrics": read_metrics(run_dir), "total_steps": total})
   return out
 
 
@@ -115,12 +119,14 @@ def final_value(rows: list[dict], key: str, last: int = 1) -> float:
 
 
 def aggregate(sweep_dir: str | Path, key: str = "val/acc/mean", last: int = 1) -> list[dict]:
-  """One row per setting: mean and sample standard deviation over its seeds of the final `key`."""
+  """One row per setting: mean and sample standard deviation over its finished seeds of the final `key`
+  (`values` lists every seed's latest value; a run stopped before its total_steps is not finished)."""
   table = []
   for name, runs in load_sweep(sweep_dir).items():
     values = [final_value(r["metrics"], key, last) for r in runs]
-    done = [v for v in values if math.isfinite(v)]
     steps = [max((m["step"] for m in r["metrics"]), default=0) for r in runs]
+    done = [v for v, s, r in zip(values, steps, runs)
+            if math.isfinite(v) and r["total_steps"] is not None and s >= r["total_steps"]]
     table.append({"name": name, "mean": float(np.mean(done)) if done else float("nan"),
                   "std": float(np.std(done, ddof=1)) if len(done) > 1 else 0.0, "values": values,
                   "runs": len(runs), "finished": len(done), "steps": max(steps, default=0)})

@@ -119,6 +119,8 @@ def test_pass_at_k_and_majority():
                  {"answer": "9", "results": [res(False, "1")] * 4}], k=4)
   assert s["overall"] == {"avg@4": 0.25, "maj@4": 0.5, "pass@1": 0.25, "pass@2": pytest.approx((5 / 6) / 2),
                           "pass@4": 0.5}
+  no_pred = summarize([{"answer": "4", "results": [{"acc": True}, {"acc": False}]}], k=2)["overall"]
+  assert np.isnan(no_pred["maj@2"]) and no_pred["pass@2"] == 1.0
 
 
 @pytest.fixture(scope="module")

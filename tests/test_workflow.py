@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from dapo_jax import sweeps
@@ -107,3 +108,17 @@ def test_notebook_executes(name, sweep_dir, monkeypatch):
     assert "| dynamic_sampling_dapo |" in text and "| critic/score/mean |" in text and "| step | score |" in text
   else:
     assert "avg@4" in text and "| problem | truth | score |" in text
+
+
+def test_aggregate_counts_only_runs_that_reached_their_last_step(tmp_path):
+  points = [{"name": "a", "run": f"a.seed{i}", "overrides": {}} for i in range(3)]
+  (tmp_path / "sweep.json").write_text(json.dumps({"config": "x", "extra_flags": [], "points": points}))
+  for i, (last, acc) in enumerate([(4, 0.5), (2, 0.9), (4, 0.7)]):  # seed 1 was stopped at step 2 of 4
+    run = tmp_path / f"a.seed{i}"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"total_steps": 4}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val/acc/mean": acc}) + "\n"
+                                               for s in range(0, last + 1, 2)))
+  row, = sweeps.aggregate(tmp_path)
+  assert row["finished"] == 2 and row["runs"] == 3 and row["values"] == [0.5, 0.9, 0.7]
+  assert row["mean"] == pytest.approx(0.6) and row["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
