@@ -88,16 +88,9 @@ class RolloutScorer:
     """`rows` is the whole generation batch (the same on every process); each process scores its block of
     the responses and the scores are exchanged, so every process returns the same arrays."""
     g = self.config.rollout.group_size
-    size = self.config.rollout.gen_chunk_size or len(rows)
-    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
-    parts = []
     with _timed(timings, "gen"):
-      for i, chunk in enumerate(chunks):
-        key = rng if len(chunks) == 1 else jax.random.fold_in(rng, i)
-        o = distributed.to_host(generate(model, [row["prompt_ids"] for row in chunk], self.params, key,
-                                         num_samples=g))
-        parts.append({k: np.asarray(v) for k, v in o._asdict().items()})
-    out = Rollout(**concat_rows(parts, left_padded=("prompt_BxP", "prompt_mask_BxP")))
+      out = generate_in_chunks(model, [row["prompt_ids"] for row in rows], self.params, rng, g,
+                               self.config.rollout.gen_chunk_size)
     tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
     with _timed(timings, "reward"):
       texts = [self.task.tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
@@ -116,6 +109,24 @@ class RolloutScorer:
     }
 
 
+def generate_in_chunks(model, prompts: list, params: SamplingParams, rng, num_samples: int, size: int,
+                       *, fill: bool = False) -> Rollout:
+  """`generate` over `size` prompts at a time (0: all at once; bounds the KV cache), on host. Chunk i samples
+  with fold_in(rng, i) (rng itself when there is one chunk). `fill`: the last chunk is filled up with repeats
+  of its first prompt (every call one program), whose samples are dropped."""
+  size = size or len(prompts)
+  parts = []
+  for i, start in enumerate(range(0, len(prompts), size)):
+    chunk = list(prompts[start:start + size])
+    real = len(chunk) * num_samples
+    if fill:
+      chunk += [chunk[0]] * (size - len(chunk))
+    key = rng if size >= len(prompts) else jax.random.fold_in(rng, i)
+    o = distributed.to_host(generate(model, chunk, params, key, num_samples=num_samples))
+    parts.append({k: np.asarray(v)[:real] for k, v in o._asdict().items()})
+  return Rollout(**concat_rows(parts, left_padded=_PROMPT_KEYS))
+
+
 def _score_shared(executor: RewardExecutor, texts: list[str], truths: list) -> list[dict]:
   """Each process scores its block of the responses; every process gets all the results, in order."""
   block = distributed.share(len(texts))
@@ -129,19 +140,9 @@ def evaluate(model, task: tasks.Task, config, rng, executor: RewardExecutor) -> 
   tok = task.tokenizer
   params = SamplingParams(max_new_tokens=config.rollout.max_response_length, temperature=e.temperature,
                           top_p=e.top_p, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-  # `eval.chunk_size` problems (x k samples) per sampler call bounds the KV cache, as rollout.gen_chunk_size
-  # does for training; the last chunk is filled up with repeats of its first problem (one program), which are
-  # then dropped.
-  size = e.get("chunk_size", 0) or len(rows)
-  parts = []
-  for i, start in enumerate(range(0, len(rows), size)):
-    prompts = [r["prompt_ids"] for r in rows[start:start + size]]
-    real = len(prompts) * e.k
-    prompts += [prompts[0]] * (size - len(prompts))
-    key = rng if size >= len(rows) else jax.random.fold_in(rng, i)
-    o = distributed.to_host(generate(model, prompts, params, key, num_samples=e.k))
-    parts.append({k: np.asarray(v)[:real] for k, v in o._asdict().items()})
-  out = Rollout(**concat_rows(parts, left_padded=("prompt_BxP", "prompt_mask_BxP")))
+  # `eval.chunk_size` problems (x k samples) per sampler call, as rollout.gen_chunk_size for training.
+  out = generate_in_chunks(model, [r["prompt_ids"] for r in rows], params, rng, e.k, e.get("chunk_size", 0),
+                           fill=True)
   tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
   results = _score_shared(executor, [tok.decode(tokens[i][mask[i]]) for i in range(len(tokens))],
                           [rows[i // e.k]["answer"] for i in range(len(tokens))])
