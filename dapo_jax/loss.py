@@ -78,8 +78,12 @@ def entropy_from_logits(logits_BxTxV):
 
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.28,
                 clip_c: float = 10.0, agg: str = "token-mean", logits=None, num_tokens=None, num_seqs=None,
-                norm_len=None):
+                norm_len=None, entropy_coef: float = 0.0):
   """(loss, metrics). `advantages` is [B] (broadcast to tokens) or [B, T]; `mask` [B, T] marks response tokens.
+
+  With `entropy_coef` (needs `logits`) the loss is `pg_loss - entropy_coef * entropy_loss`, the per-token
+  entropy aggregated by the same `agg` as the policy loss (the reference's `agg_loss(entropy, mask, mode)`),
+  and `entropy_loss` is a metric.
 
   Metrics are token means over the same token total as the loss (so they too add up across micro-batches):
   `pg_clipfrac_high` / `pg_clipfrac_low` (the clip binds above 1 + clip_high for A > 0, below 1 - clip_low
@@ -105,5 +109,13 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
              "pg_clipfrac": token_mean(high | low), "pg_clipfrac_dual": token_mean(dual),
              "ppo_kl": token_mean(old_logp - logp)}
   if logits is not None:
-    metrics["entropy"] = token_mean(entropy_from_logits(logits))
+    entropy_BxT = entropy_from_logits(logits)
+    metrics["entropy"] = token_mean(entropy_BxT)
+    if entropy_coef:
+      entropy_loss = aggregate(entropy_BxT, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                               norm_len=norm_len)
+      metrics["entropy_loss"] = entropy_loss
+      loss = loss - entropy_coef * entropy_loss
+  elif entropy_coef:
+    raise ValueError("policy_loss: entropy_coef needs the logits")
   return loss, metrics

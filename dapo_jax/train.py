@@ -157,6 +157,18 @@ def _summary(name: str, x) -> dict[str, float]:
   return {f"{name}/mean": float(x.mean()), f"{name}/max": float(x.max()), f"{name}/min": float(x.min())}
 
 
+def token_summary(name: str, x_B, mask_BxN) -> dict[str, float]:
+  """Mean, max and min of a per-sequence value over the response tokens (each row weighted by its length,
+  rows without a token left out), as the reference logs advantages and returns."""
+  counts_B = np.asarray(mask_BxN).astype(bool).sum(axis=1)
+  x_B = np.asarray(x_B, np.float64)
+  present = counts_B > 0
+  if not present.any():
+    return {f"{name}/mean": 0.0, f"{name}/max": 0.0, f"{name}/min": 0.0}
+  return {f"{name}/mean": float((x_B * counts_B).sum() / counts_B.sum()), f"{name}/max": float(x_B[present].max()),
+          f"{name}/min": float(x_B[present].min())}
+
+
 def _check_workdir_config(workdir: Path, config) -> None:
   saved = workdir / "config.json"
   current = config_lib.comparable(config)
@@ -280,7 +292,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       n_resp_tokens = float(loss_mask.sum())
       metrics = {**ds_metrics, **{k: float(v) for k, v in actor.items()},
                  **_summary("critic/score", reward_B), **_summary("critic/rewards", reward_B),
-                 **_summary("critic/advantages", adv_B), **_summary("response_length", batch["lengths_B"]),
+                 **token_summary("critic/advantages", adv_B, batch["mask_BxN"]),
+                 **token_summary("critic/returns", adv_B, batch["mask_BxN"]),
+                 **_summary("response_length", batch["lengths_B"]),
                  **_summary("prompt_length", batch["prompt_len_B"]),
                  "critic/acc/mean": float(batch["acc_B"].mean()),
                  "rollout/acc/mean": float(sampled["acc_B"].mean()),

@@ -238,9 +238,7 @@ class Trainer:
     loss, metrics = loss_lib.policy_loss(
         logp, mb.old_logp_BxN, mb.adv_B, mb.mask_BxN, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
         clip_c=cfg.clip_c, agg=cfg.loss_agg, logits=logits, num_tokens=num_tokens, num_seqs=num_seqs,
-        norm_len=cfg.norm_len or None)
-    if cfg.entropy_coef:
-      loss = loss - cfg.entropy_coef * metrics["entropy"]
+        norm_len=cfg.norm_len or None, entropy_coef=cfg.entropy_coef)
     if cfg.kl_coef:
       # k3 estimator of KL(pi || ref), clamped as the reference ("low_var_kl").
       d = mb.ref_logp_BxN - logp

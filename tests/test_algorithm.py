@@ -173,6 +173,29 @@ def test_entropy_metric_and_bad_arguments():
     policy_loss(jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.ones(1), jnp.ones((1, 1)), clip_c=0.5)
 
 
+def test_entropy_bonus_is_aggregated_like_the_policy_loss():
+  # Rows of different lengths and entropies: the seq-mean modes weigh them differently from the token mean.
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 2, (3, 4, 5)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]], np.float32)
+  logp = np.log(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))
+  ent = -(np.exp(logp) * logp).sum(-1)
+  want = {"token-mean": (ent * mask).sum() / mask.sum(),
+          "seq-mean-token-mean": np.mean((ent * mask).sum(1) / mask.sum(1)),
+          "seq-mean-token-sum": np.mean((ent * mask).sum(1)),
+          "seq-mean-token-sum-norm": (ent * mask).sum() / (3 * 4)}
+  zeros = jnp.zeros((3, 4))
+  for agg, value in want.items():
+    loss, m = policy_loss(zeros, zeros, jnp.ones(3), jnp.asarray(mask), agg=agg, logits=jnp.asarray(logits),
+                          entropy_coef=0.01)
+    np.testing.assert_allclose(float(m["entropy_loss"]), value, rtol=1e-5, err_msg=agg)
+    np.testing.assert_allclose(float(loss), float(m["pg_loss"]) - 0.01 * value, rtol=1e-6, err_msg=agg)
+    # The logged entropy stays the token mean whatever the aggregation.
+    np.testing.assert_allclose(float(m["entropy"]), (ent * mask).sum() / mask.sum(), rtol=1e-5)
+  with pytest.raises(ValueError, match="needs the logits"):
+    policy_loss(zeros, zeros, jnp.ones(3), jnp.asarray(mask), entropy_coef=0.01)
+
+
 def test_seq_mean_modes_count_only_rows_with_loss_tokens():
   # Row 1 is overlong-filtered (mask all zero): it is not a sequence of the mean. Row 0's token mean is 1.0.
   loss_BxT = jnp.array([[1.0, 1.0, 0.0], [5.0, 5.0, 5.0]])

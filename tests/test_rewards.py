@@ -148,6 +148,32 @@ def test_watchdog_kills_a_worker_that_ignores_its_alarm():
   assert [o["pred"] for o in out] == ["1", "[TIMEOUT]", "3"]
 
 
+def napping_reward(solution_str, ground_truth, **extra):
+  time.sleep(0.5)
+  return compute_score(solution_str, ground_truth)
+
+
+def test_ctrl_c_in_the_terminal_does_not_kill_the_workers_mid_item():
+  # Ctrl-C signals the whole process group; the training loop handles it, the workers must carry on.
+  import os
+  import signal
+  import threading
+  with RewardExecutor("tests.test_rewards:napping_reward", workers=2, timeout_s=5.0, chunk_size=1,
+                      watchdog_slack_s=2.0) as ex:
+    ex.score(["Answer: 0"], ["0"])  # starts the pool
+    pids = sorted(p.pid for p in ex._pool._pool)
+    out = []
+    scorer = threading.Thread(target=lambda: out.extend(ex.score(["Answer: 1", "Answer: 2"], ["1", "3"])))
+    scorer.start()
+    time.sleep(0.2)  # both workers are inside an item
+    for pid in pids:
+      os.kill(pid, signal.SIGINT)
+    scorer.join(30)
+    assert [o["pred"] for o in out] == ["1", "2"] and [o["acc"] for o in out] == [True, False]
+    assert ex.timeouts == 0
+    assert sorted(p.pid for p in ex._pool._pool) == pids
+
+
 def test_executor_in_process_mode_and_errors():
   ex = RewardExecutor("math_dapo", workers=0)
   assert ex.score(["Answer: 2"], ["2"])[0]["acc"]

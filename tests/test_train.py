@@ -280,3 +280,11 @@ def test_evaluation_in_chunks_equals_one_call_when_greedy(tmp_path, data_dir):
     config.eval.chunk_size = 2  # 2 + 2 + 1 problems, the last call filled up to 2 and the extra dropped
     chunked = train.evaluate(model, task, config, jax.random.key(0), executor)
   assert whole == chunked and 0.0 < whole["val/response_length/mean"]
+
+
+def test_advantages_are_summarised_over_response_tokens():
+  from dapo_jax.train import token_summary
+  adv_B = np.array([1.0, -1.0, 5.0])
+  mask_BxN = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])  # row 2 has no token: left out
+  s = token_summary("critic/advantages", adv_B, mask_BxN)
+  assert s == {"critic/advantages/mean": 0.5, "critic/advantages/max": 1.0, "critic/advantages/min": -1.0}

@@ -26,6 +26,12 @@ def _alarm(signum, frame):
   raise _ItemTimeout()
 
 
+def _ignore_interrupts():
+  # Ctrl-C reaches the whole process group. The parent turns it into "checkpoint and stop" after the step;
+  # a worker it killed would lose its in-flight items, scored as timeouts by the watchdog.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _score_chunk(name: str, items: list[tuple[str, Any, dict]], timeout_s: float) -> list[dict]:
   fn = registry.get(name)
   signal.signal(signal.SIGALRM, _alarm)
@@ -73,7 +79,7 @@ class RewardExecutor:
 
   def _get_pool(self):
     if self._pool is None:
-      self._pool = mp.get_context("forkserver").Pool(self.workers)
+      self._pool = mp.get_context("forkserver").Pool(self.workers, initializer=_ignore_interrupts)
     return self._pool
 
   def close(self):
