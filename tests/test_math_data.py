@@ -3,6 +3,7 @@ metrics and command."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,29 @@ def test_verl_parquet_written_here(tmp_path):
   pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "cols.parquet")
   with pytest.raises(md.DataError, match=r"missing column\(s\) \['data_source', 'reward_model'\]"):
     md.read_verl_parquet(tmp_path / "cols.parquet")
+
+
+@needs_shared
+def test_edited_source_files_are_prepared_again(tmp_path):
+  # Same data_dir, same source path, new content: the prepared copy of the old content must not be served.
+  src = tmp_path / "src"
+  (src / "aime24").mkdir(parents=True)
+  lines = (SHARED / "aime24" / "test.jsonl").read_text().splitlines()
+  (src / "aime24" / "test.jsonl").write_text("\n".join(lines[:3]) + "\n")
+  data_dir = str(tmp_path / "tfds")
+  before = md.read_builder_split(md.math_builder("aime24", str(src), data_dir), "test")
+  edited = json.loads(lines[0])
+  edited["answer"] = "12345"
+  (src / "aime24" / "test.jsonl").write_text("\n".join([json.dumps(edited), *lines[1:2]]) + "\n")
+  after = md.read_builder_split(md.math_builder("aime24", str(src), data_dir), "test")
+  assert len(before) == 3 and len(after) == 2 and after[0]["answer"] == "12345"
+  # The same bytes in another folder share the prepared data.
+  other = tmp_path / "other"
+  shutil.copytree(src, other)
+  reused = md.math_builder("aime24", str(other), data_dir)
+  assert reused.data_path == md.math_builder("aime24", str(src), data_dir).data_path
+  with pytest.raises(md.DataError, match="missing"):
+    md.math_builder("aime24", str(tmp_path / "nowhere"), data_dir)
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

@@ -10,6 +10,7 @@ fails with its file and line (JSON Lines) or row number (parquet).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -148,11 +149,28 @@ class DapoMath(tfds.core.GeneratorBasedBuilder):
       yield row["index"], row
 
 
+def source_fingerprint(name: str, source_dir: str | os.PathLike) -> str:
+  """A digest of the bytes of a source's files: the prepared data is keyed by it, so edited files or another
+  `source_dir` holding other files are prepared afresh, never served from a stale copy."""
+  digest = hashlib.sha256()
+  for split, rel in sorted(SOURCES[name][1].items()):
+    path = Path(source_dir) / rel
+    if not path.is_file():
+      raise DataError(f"{path}: missing (dataset {name!r}, split {split!r}); set --config.data.source_dir")
+    digest.update(f"{split}:{rel}:".encode())
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 22), b""):
+        digest.update(block)
+  return digest.hexdigest()[:16]
+
+
 def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = True) -> DapoMath:
-  """The prepared TFDS builder for a source data set (built once into `data_dir`)."""
+  """The prepared TFDS builder for a source data set (built once into `data_dir` for each content of the
+  source files: see `source_fingerprint`)."""
   if name not in SOURCES:
     raise DataError(f"unknown dataset {name!r}; known: {sorted(SOURCES)}")
-  config = MathConfig(name=f"{name}{'' if dedup else '_copies'}", source=name,
+  fingerprint = source_fingerprint(name, source_dir)
+  config = MathConfig(name=f"{name}{'' if dedup else '_copies'}_{fingerprint}", source=name,
                       source_dir=str(Path(source_dir).absolute()), dedup=dedup)
   tfds.display_progress_bar(False)
   builder = DapoMath(config=config, data_dir=data_dir, file_format="array_record")
