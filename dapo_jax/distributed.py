@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -94,6 +94,36 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def main_first(fn: Callable[[], Any], what: str) -> Any:
+  """`fn()` on process 0, then on the others (process 0 fills caches the others then read), and a failure on
+  any process raised on every process: a bare barrier would leave the others waiting for one that died."""
+  if jax.process_count() == 1:
+    return fn()
+
+  def attempt():
+    try:
+      return fn(), None
+    except Exception as e:  # noqa: BLE001 -- reported to every process, then re-raised here
+      return None, e
+
+  def raise_first(reports, error):
+    failed = [(i, r) for i, r in enumerate(reports) if r is not None]
+    if not failed:
+      return
+    if error is not None:
+      raise error
+    i, report = failed[0]
+    raise RuntimeError(f"{what} failed on process {i}: {report}")
+
+  result, error = attempt() if is_main() else (None, None)
+  report = lambda e: None if e is None else f"{type(e).__name__}: {e}"  # noqa: E731
+  raise_first(allgather_objects(report(error))[:1], error)
+  if not is_main():
+    result, error = attempt()
+  raise_first(allgather_objects(report(error)), error)
+  return result
 
 
 def share(n: int, index: int | None = None, count: int | None = None) -> slice:

@@ -106,11 +106,8 @@ def build(config, workdir: Path) -> Task:
   if config.data.name not in TASKS:
     raise ValueError(f"config.data.name={config.data.name!r} is not one of {sorted(TASKS)}")
   # Process 0 fills the shared caches (TFDS data, the trained tokenizer) first; the others then read them.
-  if not distributed.is_main():
-    distributed.barrier("task caches")
-  task = TASKS[config.data.name](config, workdir)
-  if distributed.is_main():
-    distributed.barrier("task caches")
+  task = distributed.main_first(lambda: TASKS[config.data.name](config, workdir),
+                                f"building the task (config.data.name={config.data.name!r})")
   if task.truncated_prompts:
     logging.warning("%d prompts were longer than data.max_prompt_length=%d and were left-truncated",
                     task.truncated_prompts, config.data.max_prompt_length)

@@ -125,3 +125,52 @@ def test_cpu_devices_split_the_host_before_jax_starts():
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # a launcher's explicit count wins
   out = subprocess.run([sys.executable, "-c", script.format(n=2)], env=env, capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.split()[-2:] == ["0", "4"], out.stderr
+
+
+_MAIN_FIRST = """
+import sys
+from pathlib import Path
+import jax
+from dapo_jax import distributed
+me = int(sys.argv[2])
+distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=me)
+cache = Path(sys.argv[3])
+
+def outcome(fn):
+  try:
+    return repr(distributed.main_first(fn, "building the cache"))
+  except Exception as e:
+    return f"{type(e).__name__}: {e}"
+
+def fail_on(who):
+  def fn():
+    if me == who:
+      raise FileNotFoundError(f"no tokenizer on process {me}")
+    return me
+  return fn
+
+def fill_then_read():
+  if me == 0:
+    cache.write_text("filled by process 0")
+  return cache.read_text()
+
+for fn in (fail_on(0), fail_on(1), fill_then_read):
+  print("OUTCOME", outcome(fn), flush=True)
+"""
+
+
+def test_a_failure_while_one_process_builds_the_task_stops_every_process(tmp_path):
+  # With a bare barrier, process 1 waited forever for a process 0 that had died building the data.
+  port = subprocess.run([sys.executable, "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); "
+                         "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
+  procs = [subprocess.Popen([sys.executable, "-c", _MAIN_FIRST, f"127.0.0.1:{port}", str(i), str(tmp_path / "c")],
+                            env=_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  got = [[line[len("OUTCOME "):] for line in out.splitlines() if line.startswith("OUTCOME")] for out, _ in outs]
+  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+  assert got[0] == ["FileNotFoundError: no tokenizer on process 0",
+                    "RuntimeError: building the cache failed on process 1: FileNotFoundError: no tokenizer on "
+                    "process 1", "'filled by process 0'"]
+  assert got[1] == ["RuntimeError: building the cache failed on process 0: FileNotFoundError: no tokenizer on "
+                    "process 0", "FileNotFoundError: no tokenizer on process 1", "'filled by process 0'"]
