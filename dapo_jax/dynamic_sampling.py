@@ -148,6 +148,23 @@ class GroupAccumulator:
     self._reset()
     return batch, metrics
 
+  @property
+  def carried(self) -> dict[str, Any] | None:
+    """The rows carried into the step being collected (set by `take`), or None."""
+    return self.parts[0] if self.carried_in else None
+
+  def set_carry_fields(self, fields: dict[str, np.ndarray]):
+    """Replaces per-row fields of the carried rows, between `take` and the next `add`: for one, their
+    log-probs under the weights that sampled them, which the next step's update no longer has."""
+    if not self.carried_in or self.num_gen_batches:
+      raise RuntimeError("set_carry_fields: only between take() and add(), with groups carried over")
+    part = self.parts[0]
+    n = len(next(iter(part.values())))
+    for key, value in fields.items():
+      if key not in part or len(value) != n:
+        raise ValueError(f"set_carry_fields: {key!r} must be an existing field of {n} rows")
+    self.parts[0] = dict(part, **fields)
+
   def state(self) -> dict[str, Any]:
     """What a checkpoint taken between steps needs to continue: the groups carried into the next step."""
     return {"carry": list(self.parts)}

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -100,6 +101,9 @@ class RolloutScorer:
     return {
         "prompt_BxP": np.asarray(out.prompt_BxP), "prompt_mask_BxP": np.asarray(out.prompt_mask_BxP),
         "tokens_BxN": tokens, "mask_BxN": mask, "sampler_logp_BxN": np.asarray(out.logprobs_BxN),
+        # Old log-probs are recomputed before the update with the weights that sampled these rows. Rows that
+        # dynamic sampling carries to the next step get theirs computed here and marked known (see `_carry`).
+        "old_logp_BxN": np.zeros(tokens.shape, np.float32), "old_logp_known_B": np.zeros(len(tokens), bool),
         "lengths_B": lengths, "truncated_B": np.asarray(out.truncated_B),
         "acc_B": np.asarray([r["acc"] for r in results], np.float32),
         "score_B": np.asarray([r["score"] for r in results], np.float32),
@@ -107,6 +111,42 @@ class RolloutScorer:
         "prompt_len_B": np.asarray(out.prompt_mask_BxP).sum(axis=1),
         "text_B": np.asarray(texts, dtype=object), "truth_B": np.asarray(truths, dtype=object),
     }
+
+
+@jax.jit
+def _rows_where(known_MxmxB, carried_MxmxBxN, old_MxmxBxN):
+  return jnp.where(known_MxmxB[..., None], carried_MxmxBxN, old_MxmxBxN)
+
+
+@jax.jit
+def _probs_diff(sampler_logp, old_logp, mask):
+  """|p_sampler - p_old| over the loss tokens (the reference's training/rollout_probs_diff_*): how far the
+  sampler's probabilities are from those the update's clip is centred on."""
+  mask = mask > 0
+  diff = jnp.where(mask, jnp.abs(jnp.exp(sampler_logp) - jnp.exp(old_logp)), 0.0)
+  return {"training/rollout_probs_diff_max": jnp.max(diff),
+          "training/rollout_probs_diff_mean": jnp.sum(diff) / jnp.maximum(jnp.sum(mask), 1)}
+
+
+def _carry_behaviour_logprobs(trainer: Trainer, params, accumulator: GroupAccumulator, rows: int):
+  """Computes the log-probs of the groups carried into the next step under `params`, the weights that
+  sampled them: the next step's update has newer weights, and recomputing there would centre the clip on
+  them (ratio 1 at the start) instead of on the policy the samples came from. Batches of `rows` rows: the
+  update's shapes, no new program."""
+  part = accumulator.carried
+  if part is None:
+    return
+  n = len(part["tokens_BxN"])
+  out = []
+  for start in range(0, n, rows):
+    take = slice(start, min(start + rows, n))
+    b = Batch(part["prompt_BxP"][take], part["prompt_mask_BxP"][take], part["tokens_BxN"][take],
+              part["mask_BxN"][take].astype(np.float32), part["sampler_logp_BxN"][take],
+              np.zeros(take.stop - take.start, np.float32))
+    logp = distributed.to_host(trainer.logprobs(params, trainer.shard_batch(pad_rows(b, rows))))
+    out.append(np.asarray(logp).reshape(rows, -1)[:take.stop - take.start])
+  logp_BxN = np.concatenate(out).astype(np.float32) * part["mask_BxN"]
+  accumulator.set_carry_fields({"old_logp_BxN": logp_BxN, "old_logp_known_B": np.ones(n, bool)})
 
 
 def generate_in_chunks(model, prompts: list, params: SamplingParams, rng, num_samples: int, size: int,
@@ -282,14 +322,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if not config.actor.reuse_sampler_logprobs:
         with _timed(timings, "old_log_prob"):
           old = trainer.logprobs(state.params, sharded)
+          known_B = batch["old_logp_known_B"]
+          if known_B.any():  # carried in: sampled by the previous step's weights, their log-probs kept
+            extra = len(update_batch.adv_B) - len(known_B)
+            known = np.concatenate([known_B, np.zeros(extra, bool)])
+            carried = np.concatenate([batch["old_logp_BxN"], np.zeros((extra,) + old.shape[-1:], np.float32)])
+            old = _rows_where(trainer.shard_rows(known), trainer.shard_rows(carried), old)
+          metrics_diff = _probs_diff(sharded.old_logp_BxN, old, sharded.mask_BxN)
           sharded = sharded._replace(old_logp_BxN=jax.block_until_ready(old))
+          _carry_behaviour_logprobs(trainer, state.params, accumulator, len(update_batch.adv_B))
       with _timed(timings, "update_actor"):
         state, actor = trainer.update(state, sharded)
         actor = distributed.to_host(actor)
       step += 1
 
-      sampled = {k: np.concatenate([s[k] for s in samples]) for k in ("lengths_B", "truncated_B", "acc_B")}
+      # A step whose groups were all carried in (carry_over) samples nothing.
+      sampled = {k: np.concatenate([s[k] for s in samples] or [np.zeros(0)]) for k in ("lengths_B", "acc_B")}
       n_resp_tokens = float(loss_mask.sum())
+      if not config.actor.reuse_sampler_logprobs:
+        actor.update(distributed.to_host(metrics_diff))
       metrics = {**ds_metrics, **{k: float(v) for k, v in actor.items()},
                  **_summary("critic/score", reward_B), **_summary("critic/rewards", reward_B),
                  **token_summary("critic/advantages", adv_B, batch["mask_BxN"]),
@@ -297,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  **_summary("response_length", batch["lengths_B"]),
                  **_summary("prompt_length", batch["prompt_len_B"]),
                  "critic/acc/mean": float(batch["acc_B"].mean()),
-                 "rollout/acc/mean": float(sampled["acc_B"].mean()),
+                 "rollout/acc/mean": float(sampled["acc_B"].mean()) if samples else float("nan"),
                  "response_length/clip_ratio": float(batch["truncated_B"].mean()),
                  "critic/overlong_penalty/mean": float(batch["penalty_B"].mean())}
       metrics.update(timings)

@@ -193,22 +193,22 @@ class Trainer:
   def shard_batch(self, batch: Batch) -> Batch:
     """Host arrays [B, ...] -> device arrays [M, m, b, ...]: consecutive rows form a mini-batch, each
     micro-batch spread over the data axes."""
+    return Batch(*(self.shard_rows(x) for x in batch))
+
+  def shard_rows(self, x):
+    """One host array [B, ...] laid out as `shard_batch` lays out a batch's fields (None stays None)."""
+    if x is None:
+      return None
     cfg = self.cfg
-    b_total = np.asarray(batch.adv_B).shape[0]
+    x = np.asarray(x)
+    b_total = x.shape[0]
     split = cfg.num_mini_batches * cfg.num_micro_batches
     if b_total % split:
       raise ValueError(f"update: batch of {b_total} rows does not split into {cfg.num_mini_batches} mini-batches "
                        f"x {cfg.num_micro_batches} micro-batches")
-
-    def put(x):
-      if x is None:
-        return None
-      x = np.asarray(x)
-      x = x.reshape((cfg.num_mini_batches, cfg.num_micro_batches, b_total // split) + x.shape[1:])
-      spec = sharding.logical_to_spec((None, None, "batch") + (None,) * (x.ndim - 3), x.shape, self.mesh)
-      return distributed.to_global(x, NamedSharding(self.mesh, spec))
-
-    return Batch(*(put(x) for x in batch))
+    x = x.reshape((cfg.num_mini_batches, cfg.num_micro_batches, b_total // split) + x.shape[1:])
+    spec = sharding.logical_to_spec((None, None, "batch") + (None,) * (x.ndim - 3), x.shape, self.mesh)
+    return distributed.to_global(x, NamedSharding(self.mesh, spec))
 
   # --- log-probs ---
 

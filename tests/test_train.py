@@ -288,3 +288,25 @@ def test_advantages_are_summarised_over_response_tokens():
   mask_BxN = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])  # row 2 has no token: left out
   s = token_summary("critic/advantages", adv_B, mask_BxN)
   assert s == {"critic/advantages/mean": 0.5, "critic/advantages/max": 1.0, "critic/advantages/min": -1.0}
+
+
+def test_carried_groups_keep_the_log_probs_of_the_weights_that_sampled_them(tmp_path, data_dir):
+  # Groups carried over by dynamic sampling train one step later, under updated weights. Their old log-probs
+  # must be those of the policy that sampled them, which in float32 are the sampler's own to ~1e-6; recomputed
+  # with the new weights (lr 1e-3 here) they were off by far more.
+  config = tiny_config(data_dir, total_steps=3, **{"eval.every": 0, "eval.before_train": False,
+                                                    "dynamic_sampling.carry_over": True, "actor.warmup_steps": 0,
+                                                    "checkpoint.asynchronous": False})
+  train_and_evaluate(config, str(tmp_path))
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  # Step 2 trains only groups carried in from step 1 (this seed): nothing is sampled with the new weights.
+  assert [r["train/carried_in_groups"] for r in rows] == [0, 4, 0]
+  assert [r["train/num_gen_batches"] for r in rows] == [1, 0, 1] and np.isnan(rows[1]["rollout/acc/mean"])
+  for r in rows:
+    assert r["training/rollout_probs_diff_max"] < 1e-4, (r["step"], r["training/rollout_probs_diff_max"])
+  # The checkpoint holds the carried groups with their log-probs, for a resumed run.
+  for step in (r["step"] for r in rows if r["step"] > 0):
+    record = json.loads((tmp_path / "checkpoints" / str(step) / "record" / "metadata").read_text())
+    for part in ckpt_lib._decode(record["carry"]["carry"]):
+      assert part["old_logp_known_B"].all() and part["old_logp_BxN"].dtype == np.float32
+      np.testing.assert_allclose(part["old_logp_BxN"], part["sampler_logp_BxN"], atol=2e-5)
