@@ -10,6 +10,8 @@ step 20 would otherwise silently save nothing until step 30.
 
 from __future__ import annotations
 
+import base64
+import io
 import logging
 import time
 from pathlib import Path
@@ -21,13 +23,19 @@ import orbax.checkpoint as ocp
 
 
 def _encode(x):
-  """JSON-able form of the carry-over (lists of dicts of numpy arrays), exact for int and float32 data."""
+  """JSON-able form of the carry-over (lists of dicts of numpy arrays), exact: numeric arrays as base64 of
+  their .npy bytes (a quarter of the size of a list of float32 as text, and faster to read), object arrays
+  (texts) as lists."""
   if isinstance(x, dict):
     return {k: _encode(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
     return [_encode(v) for v in x]
   if isinstance(x, np.ndarray):
-    return {"__ndarray__": x.tolist(), "dtype": str(x.dtype), "shape": list(x.shape)}
+    if x.dtype == object:
+      return {"__ndarray__": x.tolist(), "dtype": str(x.dtype), "shape": list(x.shape)}
+    buffer = io.BytesIO()
+    np.save(buffer, x, allow_pickle=False)
+    return {"__npy__": base64.b64encode(buffer.getvalue()).decode("ascii")}
   if isinstance(x, np.generic):
     return x.item()
   return x
@@ -35,7 +43,9 @@ def _encode(x):
 
 def _decode(x):
   if isinstance(x, dict):
-    if "__ndarray__" in x:
+    if "__npy__" in x:
+      return np.load(io.BytesIO(base64.b64decode(x["__npy__"])), allow_pickle=False)
+    if "__ndarray__" in x:  # also every array of a checkpoint written before the .npy form
       return np.asarray(x["__ndarray__"], dtype=x["dtype"]).reshape(x["shape"])
     return {k: _decode(v) for k, v in x.items()}
   if isinstance(x, list):

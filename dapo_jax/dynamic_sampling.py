@@ -138,7 +138,9 @@ class GroupAccumulator:
       self.carry = [surplus]
     metrics = {
         "train/num_gen_batches": float(self.num_gen_batches),
-        "train/kept_group_fraction": (self.kept_groups - self.carried_in) / max(self.sampled_groups, 1),
+        # nan for a step that sampled nothing (all its groups carried in): no fraction was observed.
+        "train/kept_group_fraction": ((self.kept_groups - self.carried_in) / self.sampled_groups
+                                      if self.sampled_groups else float("nan")),
         "train/rollouts_per_trained_sample": self.sampled_groups * self.g / max(n_train, 1),
         "train/num_trained_groups": float(n_train // self.g),
         "train/carried_in_groups": float(self.carried_in),

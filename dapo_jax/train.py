@@ -102,7 +102,8 @@ class RolloutScorer:
         "prompt_BxP": np.asarray(out.prompt_BxP), "prompt_mask_BxP": np.asarray(out.prompt_mask_BxP),
         "tokens_BxN": tokens, "mask_BxN": mask, "sampler_logp_BxN": np.asarray(out.logprobs_BxN),
         # Old log-probs are recomputed before the update with the weights that sampled these rows. Rows that
-        # dynamic sampling carries to the next step get theirs computed here and marked known (see `_carry`).
+        # dynamic sampling carries to the next step get theirs computed in their own step and marked known
+        # (see `_carry_behaviour_logprobs`).
         "old_logp_BxN": np.zeros(tokens.shape, np.float32), "old_logp_known_B": np.zeros(len(tokens), bool),
         "lengths_B": lengths, "truncated_B": np.asarray(out.truncated_B),
         "acc_B": np.asarray([r["acc"] for r in results], np.float32),
@@ -128,25 +129,33 @@ def _probs_diff(sampler_logp, old_logp, mask):
           "training/rollout_probs_diff_mean": jnp.sum(diff) / jnp.maximum(jnp.sum(mask), 1)}
 
 
+def _carry_from_record(state: dict) -> dict:
+  """A checkpoint's carried groups; those from before old log-probs were kept get theirs recomputed."""
+  for part in state.get("carry", []):
+    part.setdefault("old_logp_BxN", np.zeros(np.shape(part["tokens_BxN"]), np.float32))
+    part.setdefault("old_logp_known_B", np.zeros(len(part["tokens_BxN"]), bool))
+  return state
+
+
 def _carry_behaviour_logprobs(trainer: Trainer, params, accumulator: GroupAccumulator, rows: int):
   """Computes the log-probs of the groups carried into the next step under `params`, the weights that
   sampled them: the next step's update has newer weights, and recomputing there would centre the clip on
-  them (ratio 1 at the start) instead of on the policy the samples came from. Batches of `rows` rows: the
-  update's shapes, no new program."""
+  them (ratio 1 at the start) instead of on the policy the samples came from. Rows carried before (a surplus
+  of more than a batch is carried again) keep the log-probs they have. Batches of `rows` rows: the update's
+  shapes, no new program."""
   part = accumulator.carried
-  if part is None:
+  if part is None or part["old_logp_known_B"].all():
     return
-  n = len(part["tokens_BxN"])
-  out = []
-  for start in range(0, n, rows):
-    take = slice(start, min(start + rows, n))
-    b = Batch(part["prompt_BxP"][take], part["prompt_mask_BxP"][take], part["tokens_BxN"][take],
-              part["mask_BxN"][take].astype(np.float32), part["sampler_logp_BxN"][take],
-              np.zeros(take.stop - take.start, np.float32))
+  todo = np.flatnonzero(~part["old_logp_known_B"])
+  old_BxN = np.array(part["old_logp_BxN"], np.float32)
+  for start in range(0, len(todo), rows):
+    idx = todo[start:start + rows]
+    b = Batch(part["prompt_BxP"][idx], part["prompt_mask_BxP"][idx], part["tokens_BxN"][idx],
+              part["mask_BxN"][idx].astype(np.float32), part["sampler_logp_BxN"][idx],
+              np.zeros(len(idx), np.float32))
     logp = distributed.to_host(trainer.logprobs(params, trainer.shard_batch(pad_rows(b, rows))))
-    out.append(np.asarray(logp).reshape(rows, -1)[:take.stop - take.start])
-  logp_BxN = np.concatenate(out).astype(np.float32) * part["mask_BxN"]
-  accumulator.set_carry_fields({"old_logp_BxN": logp_BxN, "old_logp_known_B": np.ones(n, bool)})
+    old_BxN[idx] = np.asarray(logp).reshape(rows, -1)[:len(idx)] * part["mask_BxN"][idx]
+  accumulator.set_carry_fields({"old_logp_BxN": old_BxN, "old_logp_known_B": np.ones(len(old_BxN), bool)})
 
 
 def generate_in_chunks(model, prompts: list, params: SamplingParams, rng, num_samples: int, size: int,
@@ -272,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
       step, state, record = restored
       iterator.restore(record["data"])
-      accumulator.restore(record["carry"])
+      accumulator.restore(_carry_from_record(record["carry"]))
       logging.info("resumed from %s at step %d", checkpointer.directory, step)
       if distributed.is_main():
         print(f"resumed from checkpoint step {step}")

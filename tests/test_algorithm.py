@@ -77,6 +77,7 @@ def test_accumulator_carry_over_and_state():
   fresh.restore(state)
   nxt, m2 = fresh.take()
   assert m2["train/num_gen_batches"] == 0 and m2["train/carried_in_groups"] == 2
+  assert np.isnan(m2["train/kept_group_fraction"])  # nothing sampled this step
   np.testing.assert_array_equal(nxt["tag"], [7, 7])
 
 

@@ -100,6 +100,10 @@ def test_edited_source_files_are_prepared_again(tmp_path):
   assert reused.data_path == md.math_builder("aime24", str(src), data_dir).data_path
   with pytest.raises(md.DataError, match="missing"):
     md.math_builder("aime24", str(tmp_path / "nowhere"), data_dir)
+  # A process without the source files (a multi-host worker sharing only data_dir) reads the copy prepared
+  # from the same source_dir.
+  shutil.rmtree(src)
+  assert md.read_builder_split(md.math_builder("aime24", str(src), data_dir), "test") == after
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

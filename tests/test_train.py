@@ -171,6 +171,9 @@ def test_carry_over_round_trips_exactly():
   for k, v in carry[0].items():
     assert back[0][k].dtype == v.dtype
     np.testing.assert_array_equal(back[0][k], v)
+  # Records written before numeric arrays were stored as .npy bytes still read.
+  old = {"__ndarray__": [[1.5, -2.0]], "dtype": "float32", "shape": [1, 2]}
+  np.testing.assert_array_equal(ckpt_lib._decode(old), np.float32([[1.5, -2.0]]))
 
 
 def _run(config, workdir, **popen):
@@ -291,22 +294,31 @@ def test_advantages_are_summarised_over_response_tokens():
 
 
 def test_carried_groups_keep_the_log_probs_of_the_weights_that_sampled_them(tmp_path, data_dir):
-  # Groups carried over by dynamic sampling train one step later, under updated weights. Their old log-probs
+  # Groups carried over by dynamic sampling train one or more steps later, under updated weights. Their old log-probs
   # must be those of the policy that sampled them, which in float32 are the sampler's own to ~1e-6; recomputed
   # with the new weights (lr 1e-3 here) they were off by far more.
-  config = tiny_config(data_dir, total_steps=3, **{"eval.every": 0, "eval.before_train": False,
+  config = tiny_config(data_dir, total_steps=4, **{"eval.every": 0, "eval.before_train": False,
                                                     "dynamic_sampling.carry_over": True, "actor.warmup_steps": 0,
+                                                    "rollout.train_batch_size": 2,
                                                     "checkpoint.asynchronous": False})
   train_and_evaluate(config, str(tmp_path))
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  # Step 2 trains only groups carried in from step 1 (this seed): nothing is sampled with the new weights.
-  assert [r["train/carried_in_groups"] for r in rows] == [0, 4, 0]
-  assert [r["train/num_gen_batches"] for r in rows] == [1, 0, 1] and np.isnan(rows[1]["rollout/acc/mean"])
+  # This seed keeps all 8 groups of step 1's generation batch and trains 2 a step: steps 2-4 sample nothing and
+  # train groups that were sampled 1, 2 and 3 updates before (carried again and again).
+  assert [r["train/carried_in_groups"] for r in rows] == [0, 6, 4, 2]
+  assert [r["train/num_gen_batches"] for r in rows] == [1, 0, 0, 0] and np.isnan(rows[1]["rollout/acc/mean"])
   for r in rows:
     assert r["training/rollout_probs_diff_max"] < 1e-4, (r["step"], r["training/rollout_probs_diff_max"])
   # The checkpoint holds the carried groups with their log-probs, for a resumed run.
-  for step in (r["step"] for r in rows if r["step"] > 0):
+  for step in [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]:
     record = json.loads((tmp_path / "checkpoints" / str(step) / "record" / "metadata").read_text())
     for part in ckpt_lib._decode(record["carry"]["carry"]):
       assert part["old_logp_known_B"].all() and part["old_logp_BxN"].dtype == np.float32
       np.testing.assert_allclose(part["old_logp_BxN"], part["sampler_logp_BxN"], atol=2e-5)
+
+
+def test_carry_from_a_checkpoint_written_before_old_log_probs_were_kept():
+  from dapo_jax.train import _carry_from_record
+  part = {"tokens_BxN": np.ones((2, 3), np.int32), "mask_BxN": np.ones((2, 3), bool)}
+  (back,) = _carry_from_record({"carry": [part]})["carry"]
+  assert back["old_logp_BxN"].shape == (2, 3) and not back["old_logp_known_B"].any()  # recomputed, as then

@@ -166,15 +166,33 @@ def source_fingerprint(name: str, source_dir: str | os.PathLike) -> str:
 
 def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = True) -> DapoMath:
   """The prepared TFDS builder for a source data set (built once into `data_dir` for each content of the
-  source files: see `source_fingerprint`)."""
+  source files: see `source_fingerprint`). A process that lacks the source files (a worker of a multi-host
+  run whose data.dir is shared but whose source_dir is not) uses the copy prepared there from the same
+  source_dir, as recorded in `data_dir/sources.json`."""
   if name not in SOURCES:
     raise DataError(f"unknown dataset {name!r}; known: {sorted(SOURCES)}")
-  fingerprint = source_fingerprint(name, source_dir)
-  config = MathConfig(name=f"{name}{'' if dedup else '_copies'}_{fingerprint}", source=name,
-                      source_dir=str(Path(source_dir).absolute()), dedup=dedup)
+  source_dir = str(Path(source_dir).absolute())
+  suffix = "" if dedup else "_copies"
+  record = Path(data_dir) / "sources.json"
+  key = f"{name}{suffix} {source_dir}"
+  try:
+    fingerprint = source_fingerprint(name, source_dir)
+  except DataError:
+    known = json.loads(record.read_text()) if record.is_file() else {}
+    if key not in known:
+      raise
+    fingerprint = known[key]
+    logging.info("%s: source files not here; using the copy prepared from them (%s)", source_dir, fingerprint)
+  config = MathConfig(name=f"{name}{suffix}_{fingerprint}", source=name, source_dir=source_dir, dedup=dedup)
   tfds.display_progress_bar(False)
   builder = DapoMath(config=config, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare()
+  known = json.loads(record.read_text()) if record.is_file() else {}
+  if known.get(key) != fingerprint:
+    known[key] = fingerprint
+    tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+    os.replace(tmp, record)  # atomic: a reader sees the old or the new record, never half of one
   return builder
 
 
