@@ -1,5 +1,6 @@
-"""DAPO on Qwen2.5-Math-7B (verl's test_dapo_7b recipe: the 32B algorithm settings, 2048-token responses with a
-512-token overlong buffer; the Math model's context is 4096).
+"""DAPO on Qwen2.5-Math-7B (verl's test_dapo_7b recipe: the 32B recipe's algorithm and batch settings, 512 prompts
+x 16 responses from generation batches of 1536 with 16 updates per step, but 2048-token responses with a
+512-token overlong buffer; prompts up to 2048, filling the Math model's 4096-token context).
 
     python -m dapo_jax.main --config=configs/dapo_qwen2_5_math_7b.py --workdir=DIR \
         --config.model.hf_path=/path/to/Qwen2.5-Math-7B
@@ -15,10 +16,9 @@ def get_config(arg=None):
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
   c.hardware.device_memory_gib = 80.0
   c.model.preset = "qwen2.5-math-7b"
-  c.data.max_prompt_length = 1024
+  c.data.max_prompt_length = 2048
   c.rollout.max_response_length = 2048
   c.overlong.buffer = 512
-  c.rollout.gen_batch_size, c.rollout.train_batch_size = 96, 32
-  c.actor.mini_batch_size, c.actor.micro_batch_size = 8, 8
+  c.rollout.gen_chunk_size = 32  # prompts (x 16) per sampler call
   c.reward.workers = 8
   return c

@@ -18,6 +18,13 @@ def _fail(field: str, message: str):
   raise ConfigValidationError(f"config.{field}: {message}")
 
 
+def gen_batch_prompts(config) -> int:
+  """Prompts per generation batch. With dynamic sampling off every group is kept, so a generation batch is
+  the training batch (as the reference): sampling rollout.gen_batch_size prompts would throw the rest away."""
+  r = config.rollout
+  return r.gen_batch_size if config.dynamic_sampling.enable else r.train_batch_size
+
+
 def validate(config, mesh=None) -> None:
   r, u = config.rollout, config.actor
   for field in ("rollout.group_size", "rollout.gen_batch_size", "rollout.train_batch_size",
@@ -47,9 +54,12 @@ def validate(config, mesh=None) -> None:
     if u.micro_batch_size % data:
       _fail("actor.micro_batch_size", f"{u.micro_batch_size} rows do not divide over the {data} devices of the "
             f"mesh's data axes (data x fsdp)")
-    if (r.gen_batch_size * r.group_size) % data:
-      _fail("rollout.gen_batch_size", f"{r.gen_batch_size} prompts x {r.group_size} responses do not divide over "
-            f"the {data} devices of the mesh's data axes")
+    prompts = gen_batch_prompts(config)
+    if (prompts * r.group_size) % data:
+      field = "rollout.gen_batch_size" if config.dynamic_sampling.enable else \
+          "rollout.train_batch_size (the generation batch when dynamic sampling is off)"
+      _fail(field, f"{prompts} prompts x {r.group_size} responses do not divide over the {data} devices of the "
+            f"mesh's data axes")
   if r.get("gen_chunk_size", 0) < 0:
     _fail("rollout.gen_chunk_size", f"must be >= 0, got {r.gen_chunk_size}")
   if mesh is not None and r.get("gen_chunk_size", 0) and (r.gen_chunk_size * r.group_size) % data:

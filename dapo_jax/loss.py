@@ -87,8 +87,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
 
   Metrics are token means over the same token total as the loss (so they too add up across micro-batches):
   `pg_clipfrac_high` / `pg_clipfrac_low` (the clip binds above 1 + clip_high for A > 0, below 1 - clip_low
-  for A < 0), `pg_clipfrac` (their sum, the reference's), `pg_clipfrac_dual` (the dual clip binds; the
-  reference logs it as pg_clipfrac_lower), `ppo_kl` (mean of old_logp - logp) and `entropy` when logits are given.
+  for A < 0), `pg_clipfrac` (their sum, the reference's), `pg_clipfrac_dual` (the dual clip binds) and the
+  same under the reference's name `pg_clipfrac_lower`, `ppo_kl` (mean of old_logp - logp) and `entropy` when logits are given.
   """
   if agg not in AGG_MODES:
     raise ValueError(f"loss aggregation {agg!r} is not one of {AGG_MODES}")
@@ -107,6 +107,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
 
   metrics = {"pg_loss": loss, "pg_clipfrac_high": token_mean(high), "pg_clipfrac_low": token_mean(low),
              "pg_clipfrac": token_mean(high | low), "pg_clipfrac_dual": token_mean(dual),
+             "pg_clipfrac_lower": token_mean(dual),  # verl's name for the dual-clip fraction
              "ppo_kl": token_mean(old_logp - logp)}
   if logits is not None:
     entropy_BxT = entropy_from_logits(logits)

@@ -13,6 +13,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from dapo_jax import config_lib
 from dapo_jax.model.config import ModelConfig
 
 GIB = 2**30
@@ -77,7 +78,8 @@ def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_r
 
 def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict) -> MemoryEstimate:
   r, e = config.rollout, config.eval
-  gen_rows = (r.gen_chunk_size or r.gen_batch_size) * r.group_size
+  prompts = config_lib.gen_batch_prompts(config)
+  gen_rows = min(r.gen_chunk_size or prompts, prompts) * r.group_size
   if e.every or e.get("before_train", False):
     # Evaluation samples too, `eval.chunk_size` problems x k a call (slightly over: a prompt's keys and
     # values are counted once per group of rollout.group_size rows, not of k).

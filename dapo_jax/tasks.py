@@ -87,16 +87,18 @@ def _math(config, workdir: Path) -> Task:
   tok = load_tokenizer(tok_path)
   truncated = 0
 
-  def rows(name, split):
+  def rows(name, split, dedup):
     nonlocal truncated
     out = []
-    for r in md.read_builder_split(md.math_builder(name, d.source_dir, data_dir, dedup=d.dedup), split):
+    for r in md.read_builder_split(md.math_builder(name, d.source_dir, data_dir, dedup=dedup), split):
       ids, cut = encode_prompt(tok, r["messages"], d.max_prompt_length)
       truncated += cut
       out.append({**r, "prompt_ids": ids})
     return out
 
-  return Task(tok, rows(d.train, d.train_split), rows(d.eval, d.eval_split), None, truncated)
+  # data.dedup=False trains on the parquet's copies as the reference did; evaluation always takes each problem
+  # once (the AIME file's 30 problems x 32 copies, shuffled: its first 30 rows hold 21 problems).
+  return Task(tok, rows(d.train, d.train_split, d.dedup), rows(d.eval, d.eval_split, True), None, truncated)
 
 
 TASKS = {"arithmetic": _arithmetic, "math": _math}

@@ -26,6 +26,7 @@ from dapo_jax import memory
 from dapo_jax import sharding
 from dapo_jax.advantages import group_advantages
 from dapo_jax.dynamic_sampling import DynamicSampling, GroupAccumulator, concat_rows
+from dapo_jax.evaluate import summarize
 from dapo_jax.metrics import MetricWriter, Progress, plot_run
 from dapo_jax.rewards import OverlongShaping, RewardExecutor
 from dapo_jax.sampling import Rollout, SamplingParams, generate
@@ -183,7 +184,7 @@ def _score_shared(executor: RewardExecutor, texts: list[str], truths: list) -> l
 
 
 def evaluate(model, task: tasks.Task, config, rng, executor: RewardExecutor) -> dict[str, float]:
-  """avg@k (mean accuracy over k samples per problem) and pass@k on the held-out problems."""
+  """avg@k (mean accuracy over k samples per problem), pass@k and maj@k on the held-out problems."""
   e = config.eval
   rows = task.eval_rows[: e.num_problems]
   tok = task.tokenizer
@@ -196,8 +197,11 @@ def evaluate(model, task: tasks.Task, config, rng, executor: RewardExecutor) -> 
   results = _score_shared(executor, [tok.decode(tokens[i][mask[i]]) for i in range(len(tokens))],
                           [rows[i // e.k]["answer"] for i in range(len(tokens))])
   acc = np.asarray([r["acc"] for r in results], np.float32).reshape(len(rows), e.k)
+  # maj@k as the evaluation CLI computes it (nan when the reward gives no prediction to vote on).
+  overall = summarize([{"answer": row["answer"], "results": results[i * e.k:(i + 1) * e.k]}
+                       for i, row in enumerate(rows)], e.k)["overall"]
   return {"val/acc/mean": float(acc.mean()), f"val/acc/mean@{e.k}": float(acc.mean()),
-          f"val/pass@{e.k}": float(acc.max(axis=1).mean()),
+          f"val/pass@{e.k}": float(acc.max(axis=1).mean()), f"val/maj@{e.k}": overall[f"maj@{e.k}"],
           "val/response_length/mean": float(np.asarray(out.lengths_B).mean())}
 
 
@@ -291,6 +295,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              factor=config.overlong.factor, enable=config.overlong.enable,
                              filter=config.overlong.filter)
   last_eval: dict[str, float] = {}
+  gen_prompts = config_lib.gen_batch_prompts(config)
+  if gen_prompts != config.rollout.gen_batch_size:
+    logging.info("dynamic sampling is off: generation batches of rollout.train_batch_size=%d prompts (every group "
+                 "is kept), not rollout.gen_batch_size=%d", gen_prompts, config.rollout.gen_batch_size)
   progress = Progress(config.total_steps, step, enabled=config.log.progress and is_main)
   with RewardExecutor(config.reward.name, workers=config.reward.workers,
                       timeout_s=config.reward.timeout_s) as executor, _Stop() as stop, jax.set_mesh(mesh):
@@ -309,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       samples = []
       while not accumulator.ready:
         # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
-        rows = distributed.gather_list(iterator.next_batch(config.rollout.gen_batch_size))
+        rows = distributed.gather_list(iterator.next_batch(gen_prompts))
         rng = jax.random.fold_in(jax.random.fold_in(base_key, step), gen_index)
         batch = scorer(model_now, rows, rng, timings)
         gen_index += 1

@@ -177,6 +177,20 @@ def tiny_hf_policy(tmp_path_factory):
 
 
 @needs_shared
+def test_training_on_the_copies_still_evaluates_each_problem_once(tmp_path, tiny_hf_policy):
+  from configs import default as default_config
+  from dapo_jax import tasks
+  c = default_config.get_config()
+  c.data.name, c.data.dir, c.data.source_dir = "math", str(tmp_path / "cache"), str(SHARED)
+  c.data.train, c.data.train_split, c.data.eval, c.data.eval_split = "dapo_aime24", "test", "dapo_aime24", "test"
+  c.data.dedup = False
+  c.tokenizer.path = str(tiny_hf_policy)
+  task = tasks.build(c, tmp_path)
+  assert len(task.train_rows) == 960  # the copies, as the reference trained
+  assert len({r["prompt"] for r in task.eval_rows}) == len(task.eval_rows) == 30
+
+
+@needs_shared
 def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_policy):
   import jax
   from configs import default as default_config
@@ -236,6 +250,10 @@ def test_paper_configs_and_memory_estimate():
   assert not naive.fits  # materialised 22528^2 attention scores in every layer
   for mod in (dapo_qwen2_5_math_7b, dapo_qwen2_5_0_5b):
     config_lib.validate(mod.get_config())
+  c7 = dapo_qwen2_5_math_7b.get_config()  # verl's test_dapo_7b.sh: the 32B batches, 2048-token responses
+  assert (c7.rollout.train_batch_size, c7.rollout.gen_batch_size, c7.actor.mini_batch_size) == (512, 1536, 32)
+  assert (c7.rollout.max_response_length, c7.overlong.buffer, c7.data.max_prompt_length) == (2048, 512, 2048)
+  assert memory.estimate_for_config(c7, tasks.model_config(c7), {"fsdp": 8}).fits
   small = memory.estimate(tasks.model_config(dapo_qwen2_5_0_5b.get_config()), mesh_shape={"fsdp": 8},
                           micro_batch_rows=8, gen_rows=64, prompt_len=256, response_len=512, device_gib=80)
   assert small.fits

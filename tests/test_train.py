@@ -80,6 +80,7 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
               "timing_s/update_actor", "timing_s/step", "perf/gen_tokens_per_s"):
     assert all(key in r for r in rows[1:]), key
   assert "val/acc/mean" in rows[2] and "val/acc/mean" in rows[3]
+  assert 0 <= rows[3]["val/maj@2"] <= rows[3]["val/pass@2"]
   assert (tmp_path / "curves.png").stat().st_size > 10_000
   assert any((tmp_path / "tensorboard").iterdir())
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
@@ -322,3 +323,15 @@ def test_carry_from_a_checkpoint_written_before_old_log_probs_were_kept():
   part = {"tokens_BxN": np.ones((2, 3), np.int32), "mask_BxN": np.ones((2, 3), bool)}
   (back,) = _carry_from_record({"carry": [part]})["carry"]
   assert back["old_logp_BxN"].shape == (2, 3) and not back["old_logp_known_B"].any()  # recomputed, as then
+
+
+def test_without_dynamic_sampling_a_generation_batch_is_the_training_batch(tmp_path, data_dir):
+  # rollout.gen_batch_size (8) is for dynamic sampling; with it off every group is kept, and sampling 8 prompts to
+  # train 4 threw half away.
+  from dapo_jax import config_lib
+  config = tiny_config(data_dir, total_steps=1, **{"eval.every": 0, "eval.before_train": False,
+                                                    "dynamic_sampling.enable": False})
+  assert config_lib.gen_batch_prompts(config) == 4
+  train_and_evaluate(config, str(tmp_path))
+  (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert row["train/rollouts_per_trained_sample"] == 1.0 and row["train/surplus_groups"] == 0
