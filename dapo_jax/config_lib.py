@@ -53,7 +53,8 @@ def validate(config, mesh=None) -> None:
     data = mesh.shape["data"] * mesh.shape["fsdp"]
     if u.micro_batch_size % data:
       _fail("actor.micro_batch_size", f"{u.micro_batch_size} rows do not divide over the {data} devices of the "
-            f"mesh's data axes (data x fsdp)")
+            f"mesh's data axes (data x fsdp); on this mesh use a multiple of {data} that divides a mini-batch of "
+            f"{mini_rows} rows, e.g. --config.actor.micro_batch_size={data}")
     prompts = gen_batch_prompts(config)
     if (prompts * r.group_size) % data:
       field = "rollout.gen_batch_size" if config.dynamic_sampling.enable else \

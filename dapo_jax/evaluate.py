@@ -153,9 +153,8 @@ def print_table(summary: dict, dataset: str, k: int):
 
 
 def main(argv):
-  import jax
   from absl import flags
-  from dapo_jax import sharding
+  from dapo_jax import cli
   F = flags.FLAGS
   config = F.config
   run_config = Path(F.checkpoint) / "run_config.json"
@@ -163,7 +162,12 @@ def main(argv):
     # A training workdir: its config as it ran (model overrides and all), not configs/default.py.
     import ml_collections
     config = ml_collections.ConfigDict(json.loads(run_config.read_text()))
-    print(f"config: {run_config}")
+  cli.start(config)
+  import jax
+  from dapo_jax import distributed, sharding
+  log = print if distributed.is_main() else (lambda *_: None)
+  if run_config.is_file() and not F["config"].present:
+    log(f"config: {run_config}")
   mesh = sharding.make_mesh(dict(config.mesh))
   # Built outside `jax.set_mesh`: abstract models carry logical axis names, which are not mesh axes.
   model, tokenizer = load_policy(F.checkpoint, config, mesh)
@@ -172,22 +176,25 @@ def main(argv):
     if F.limit:
       rows = rows[:F.limit]
     reward = F.reward or config.reward.name
+    # The config's evaluation chunk and reward workers: the recipes size them for their accelerators.
     summary = evaluate_rows(model, tokenizer, rows, k=F.k, temperature=F.temperature,
                             top_p=F.top_p, max_new_tokens=F.max_new_tokens or config.rollout.max_response_length,
-                            seed=F.seed, reward_name=reward)
+                            seed=F.seed, reward_name=reward, batch_prompts=config.eval.get("chunk_size", 0) or 8,
+                            workers=config.reward.workers)
   summary.update(dataset=F.dataset, k=F.k, temperature=F.temperature, top_p=F.top_p, checkpoint=F.checkpoint)
-  out = Path(F.out or Path(F.checkpoint) / f"eval_{F.dataset}_k{F.k}.json")
-  out.write_text(json.dumps(summary, indent=2))
-  print_table(summary, F.dataset, F.k)
-  print(f"wrote {out}")
+  if distributed.is_main():  # every process has the same summary; one writes it
+    out = Path(F.out or Path(F.checkpoint) / f"eval_{F.dataset}_k{F.k}.json")
+    out.write_text(json.dumps(summary, indent=2))
+    print_table(summary, F.dataset, F.k)
+    print(f"wrote {out}")
 
 
 def _define_flags():
-  import os
   from absl import flags
   from ml_collections import config_flags
-  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
-  config_flags.DEFINE_config_file("config", default, "The run's config file (default: a training workdir's own "
+  from dapo_jax import paths
+  paths.make_configs_importable()
+  config_flags.DEFINE_config_file("config", paths.DEFAULT_CONFIG, "The run's config file (default: a training workdir's own "
                                   "run_config.json, else configs/default.py).", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "A Hugging Face checkpoint dir or a training workdir.", required=True)
   flags.DEFINE_string("dataset", "task", "'task' (the config's held-out split) or aime24, aime25, amc2023, "
@@ -200,6 +207,8 @@ def _define_flags():
   flags.DEFINE_string("reward", "", "Reward name (default: the config's; math_verify for LaTeX answers).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("out", "", "JSON output path (default: in the checkpoint dir).")
+  from dapo_jax import cli
+  cli.define_distributed_flags()
 
 
 if __name__ == "__main__":

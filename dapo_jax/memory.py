@@ -76,7 +76,31 @@ def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_r
   return MemoryEstimate(params, optimizer, gradients, activations, kv_cache, device_gib)
 
 
-def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict) -> MemoryEstimate:
+def device_memory_gib(device=None) -> float | None:
+  """The memory an accelerator reports it can give JAX (`bytes_limit`), in GiB; None on CPU or when not
+  reported."""
+  if device is None:
+    import jax
+    device = jax.local_devices()[0]
+  if device.platform == "cpu":
+    return None
+  try:
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+  except Exception:  # noqa: BLE001 -- a backend without memory stats: fall back on the config's figure
+    return None
+  return limit / GIB if limit else None
+
+
+def device_gib_for(config, device=None) -> float:
+  """The smaller of hardware.device_memory_gib and what the device reports: a config written for a 95 GiB
+  chip is checked against the 32 GiB chip it runs on."""
+  reported = device_memory_gib(device)
+  configured = config.hardware.device_memory_gib
+  return configured if reported is None else min(configured, reported)
+
+
+def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict,
+                        device_gib: float | None = None) -> MemoryEstimate:
   r, e = config.rollout, config.eval
   prompts = config_lib.gen_batch_prompts(config)
   gen_rows = min(r.gen_chunk_size or prompts, prompts) * r.group_size
@@ -86,5 +110,6 @@ def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict) -> Mem
     gen_rows = max(gen_rows, (e.get("chunk_size", 0) or e.num_problems) * e.k)
   return estimate(model_cfg, mesh_shape=mesh_shape, micro_batch_rows=config.actor.micro_batch_size,
                   gen_rows=gen_rows, prompt_len=config.data.max_prompt_length,
-                  response_len=r.max_response_length, device_gib=config.hardware.device_memory_gib,
+                  response_len=r.max_response_length,
+                  device_gib=config.hardware.device_memory_gib if device_gib is None else device_gib,
                   group_size=r.group_size)

@@ -249,14 +249,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(dict(config.mesh))
   config_lib.validate(config, mesh)  # before anything is built or compiled
-  estimate = memory.estimate_for_config(config, tasks.model_config(config), dict(mesh.shape))
+  device_gib = memory.device_gib_for(config)
+  estimate = memory.estimate_for_config(config, tasks.model_config(config), dict(mesh.shape), device_gib)
   if distributed.is_main():
     print(f"memory per device (estimate):\n{estimate.table()}")
   if not estimate.fits:
     raise config_lib.ConfigValidationError(
         f"config does not fit: the estimated peak of {estimate.peak / memory.GIB:.1f} GiB per device exceeds 90% "
-        f"of hardware.device_memory_gib={config.hardware.device_memory_gib}; use more devices (mesh), smaller "
-        f"micro-batches (actor.micro_batch_size) or generation batches")
+        f"of {device_gib:.1f} GiB (hardware.device_memory_gib={config.hardware.device_memory_gib}, or less if the "
+        f"device reports less); use more devices (mesh), smaller micro-batches (actor.micro_batch_size) or "
+        f"generation batches")
   _check_workdir_config(workdir, config)
   is_main = distributed.is_main()
   base_key = jax.random.key(config.seed)

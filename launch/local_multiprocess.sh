@@ -28,7 +28,8 @@ for ((i = 0; i < N; i++)); do
     mkdir -p "$LOG_DIR"
     "${cmd[@]}" >"$LOG_DIR/proc_$i.log" 2>&1 &
   else
-    ( "${cmd[@]}" 2>&1 | sed -u "s/^/[$i] /"; exit "${PIPESTATUS[0]}" ) &
+    # The recorded pid is python's own (not a subshell's), so a failure elsewhere stops it.
+    "${cmd[@]}" > >(sed -u "s/^/[$i] /") 2>&1 &
   fi
   pids+=($!)
 done

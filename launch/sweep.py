@@ -48,6 +48,8 @@ def main(argv=None):
     for p in points:
       print(sweeps.shell_line(sweeps.command(p, args.config, sweep_dir, extra, python="python")))
     return 0
+  if args.index is not None and not 0 <= args.index < len(points):
+    parser.error(f"--index={args.index}: {args.config} has {len(points)} points (0..{len(points) - 1})")
   if not args.aggregate:
     sweeps.write_manifest(points, args.config, sweep_dir, extra)
     chosen = points if args.index is None else [points[args.index]]
@@ -63,7 +65,7 @@ def main(argv=None):
           break
     elapsed = time.perf_counter() - t0
     print(f"[sweep] {len(chosen) - len(failed)} of {len(chosen)} runs ended well in {elapsed / 60:.1f} min")
-    if args.index is not None:
+    if args.index is not None:  # one point of a job array: aggregate once all are done (--aggregate)
       return 1 if failed else 0
     (sweep_dir / "timing.json").write_text(json.dumps({"seconds": elapsed, "runs": len(chosen),
                                                        "failed": failed}))

@@ -3,7 +3,20 @@
 # ACCELERATOR=tpu or ACCELERATOR=cuda12 adds the pinned jax's accelerator plugin (libtpu / CUDA wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Python 3.11+ (the pinned numpy and jax need it): $PYTHON, else the newest python3.1x on PATH.
+if [ -z "${PYTHON:-}" ]; then
+  for candidate in python3 python3.13 python3.12 python3.11; do
+    if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      PYTHON=$candidate; break
+    fi
+  done
+fi
 PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup.sh: dapo_jax needs Python 3.11 or newer; '$PY' is $("$PY" --version 2>&1 | head -n 1 || echo missing)." >&2
+  echo "  Install one (e.g. apt-get install python3.11 python3.11-venv) and run PYTHON=python3.11 bash $0 $*" >&2
+  exit 2
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "test" ]; then

@@ -106,6 +106,15 @@ def test_edited_source_files_are_prepared_again(tmp_path):
   assert md.read_builder_split(md.math_builder("aime24", str(src), data_dir), "test") == after
 
 
+@needs_shared
+def test_dapo_files_side_by_side_as_verl_downloads_them(tmp_path):
+  shutil.copy(SHARED / "dapo" / "aime-2024.parquet", tmp_path / "aime-2024.parquet")
+  rows = md.read_builder_split(md.math_builder("dapo_aime24", str(tmp_path), str(tmp_path / "tfds")), "test")
+  assert len(rows) == 30
+  with pytest.raises(md.DataError, match=r"dapo/dapo-math-17k.parquet or .*/dapo-math-17k.parquet: missing"):
+    md.read_source("dapo_math17k", "train", tmp_path)
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
   path = tmp_path / "test.jsonl"
   path.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2", "answer": "4"}\n{"problem": "3+3"\n')
@@ -269,3 +278,21 @@ def test_a_config_that_cannot_fit_is_refused_before_compiling(tmp_path):
   with pytest.raises(config_lib.ConfigValidationError, match="config does not fit: the estimated peak"):
     train_and_evaluate(c, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_memory_check_uses_the_chip_the_run_is_on():
+  from configs import dapo_qwen2_5_32b
+  from dapo_jax import memory
+
+  class Chip:
+    def __init__(self, platform, limit):
+      self.platform, self.limit = platform, limit
+
+    def memory_stats(self):
+      return {"bytes_limit": self.limit}
+
+  c = dapo_qwen2_5_32b.get_config()  # written for 95 GiB v5p chips
+  assert memory.device_gib_for(c, Chip("tpu", 32 * memory.GIB)) == 32.0  # a v4 chip
+  assert memory.device_gib_for(c, Chip("tpu", 200 * memory.GIB)) == 95.0  # never more than the config says
+  assert memory.device_gib_for(c, Chip("cpu", 1)) == 95.0  # host memory is not the budget
+  assert memory.device_memory_gib(Chip("gpu", None)) is None

@@ -122,3 +122,20 @@ def test_aggregate_counts_only_runs_that_reached_their_last_step(tmp_path):
   row, = sweeps.aggregate(tmp_path)
   assert row["finished"] == 2 and row["runs"] == 3 and row["values"] == [0.5, 0.9, 0.7]
   assert row["mean"] == pytest.approx(0.6) and row["std"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+def test_a_config_file_loads_from_any_directory(tmp_path):
+  # Config files import each other (`from configs import default`); run from elsewhere that needs the checkout
+  # on the path, which the entry points add.
+  script = textwrap.dedent(f"""
+      import sys
+      sys.argv = ["main", "--config={ROOT}/configs/ablation.py:smoke", "--workdir=x"]
+      from absl import flags
+      from dapo_jax import main
+      flags.FLAGS(sys.argv)
+      print(flags.FLAGS.config.rollout.train_batch_size)
+  """)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-1].isdigit()

@@ -33,9 +33,23 @@ SOURCES = {
     "aime25": ("jsonl", {"test": "aime25/test.jsonl"}, "problem", "answer", "aime25"),
     "amc2023": ("jsonl", {"test": "amc2023/test.jsonl"}, "problem", "answer", "amc2023"),
     "math500": ("jsonl", {"test": "math500/test.jsonl"}, "problem", "answer", "math500"),
-    "dapo_aime24": ("parquet", {"test": "dapo/aime-2024.parquet"}, None, None, "math_dapo"),
-    "dapo_math17k": ("parquet", {"train": "dapo-math-17k.parquet"}, None, None, "math_dapo"),
+    # The DAPO authors' files: in a `dapo/` folder (as in ../shared/data) or at the top of source_dir (as verl's
+    # prepare_dapo_data.sh downloads them, side by side).
+    "dapo_aime24": ("parquet", {"test": ("dapo/aime-2024.parquet", "aime-2024.parquet")}, None, None, "math_dapo"),
+    "dapo_math17k": ("parquet", {"train": ("dapo/dapo-math-17k.parquet", "dapo-math-17k.parquet")}, None, None,
+                     "math_dapo"),
 }
+
+
+def source_path(name: str, split: str, source_dir: str | os.PathLike) -> Path:
+  """The file of a source's split: the first of its candidate locations under `source_dir` that exists."""
+  rel = SOURCES[name][1][split]
+  candidates = [Path(source_dir) / r for r in ((rel,) if isinstance(rel, str) else rel)]
+  for path in candidates:
+    if path.is_file():
+      return path
+  raise DataError(f"{' or '.join(map(str, candidates))}: missing (dataset {name!r}, split {split!r}); set "
+                  f"--config.data.source_dir")
 
 
 def gsm8k_answer(solution: str) -> str:
@@ -114,9 +128,7 @@ def read_source(name: str, split: str, source_dir: str | os.PathLike, *, dedup: 
   fmt, files, pf, af, ds = SOURCES[name]
   if split not in files:
     raise DataError(f"dataset {name!r} has no split {split!r}; it has {sorted(files)}")
-  path = Path(source_dir) / files[split]
-  if not path.is_file():
-    raise DataError(f"{path}: missing (dataset {name!r}, split {split!r}); set --config.data.source_dir")
+  path = source_path(name, split, source_dir)
   return read_jsonl(path, pf, af, ds) if fmt == "jsonl" else read_verl_parquet(path, dedup=dedup)
 
 
@@ -153,11 +165,9 @@ def source_fingerprint(name: str, source_dir: str | os.PathLike) -> str:
   """A digest of the bytes of a source's files: the prepared data is keyed by it, so edited files or another
   `source_dir` holding other files are prepared afresh, never served from a stale copy."""
   digest = hashlib.sha256()
-  for split, rel in sorted(SOURCES[name][1].items()):
-    path = Path(source_dir) / rel
-    if not path.is_file():
-      raise DataError(f"{path}: missing (dataset {name!r}, split {split!r}); set --config.data.source_dir")
-    digest.update(f"{split}:{rel}:".encode())
+  for split in sorted(SOURCES[name][1]):
+    path = source_path(name, split, source_dir)
+    digest.update(f"{split}:".encode())
     with open(path, "rb") as f:
       for block in iter(lambda: f.read(1 << 22), b""):
         digest.update(block)
