@@ -27,7 +27,7 @@ from dapo_jax import sharding
 from dapo_jax.advantages import group_advantages
 from dapo_jax.dynamic_sampling import DynamicSampling, GroupAccumulator, concat_rows
 from dapo_jax.evaluate import summarize
-from dapo_jax.metrics import MetricWriter, Progress, plot_run
+from dapo_jax.metrics import MetricWriter, Progress, plot_run, read_metrics
 from dapo_jax.rewards import OverlongShaping, RewardExecutor
 from dapo_jax.sampling import Rollout, SamplingParams, generate
 from dapo_jax.train_step import Batch, Trainer, pad_rows
@@ -292,6 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if distributed.is_main():
         print(f"resumed from checkpoint step {step}")
   writer = MetricWriter(workdir, enabled=is_main, resume_from=None if restored is None else step)
+  if restored is not None:
+    _recover_step_log(writer, workdir, step, record, is_main)
 
   overlong = OverlongShaping(max_len=config.rollout.max_response_length, buffer=config.overlong.buffer,
                              factor=config.overlong.factor, enable=config.overlong.enable,
@@ -385,14 +387,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # checkpoint), and no process stops while another goes on into the next step's collectives.
       stopping = stop.agreed()
       every = config.checkpoint.every  # 0: only at the end and on a stop
+      sample_lines = _sample_lines(step, batch, config.log.samples_per_step)
       if (every and step % every == 0) or step == config.total_steps or stopping:
+        # The step's log rows go into the checkpoint too: a run killed after the save but before it wrote
+        # them gets them back when it resumes here (`_recover_step_log`).
+        row = {k: float(v) for k, v in metrics.items()}
+        log = {"metrics": json.dumps({**row, "timing_s/step": time.perf_counter() - t_step}),
+               "samples": sample_lines}
         with _timed(metrics, "save_checkpoint"):
-          checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state()},
+          checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state(), "log": log},
                             wait=stopping)
       metrics["timing_s/step"] = time.perf_counter() - t_step
       writer.write(step, metrics)
-      if is_main and config.log.samples_per_step:
-        _log_samples(workdir, step, batch, config.log.samples_per_step)
+      if is_main and sample_lines:
+        with open(workdir / "samples.jsonl", "a") as f:
+          f.writelines(sample_lines)
       progress.update(step, metrics, {"val/acc/mean": "val_acc", "rollout/acc/mean": "acc",
                                       "critic/score/mean": "score", "actor/entropy": "entropy"})
 
@@ -403,9 +412,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return last_eval
 
 
-def _log_samples(workdir: Path, step: int, batch: dict, n: int):
-  with open(workdir / "samples.jsonl", "a") as f:
-    for i in range(min(n, len(batch["acc_B"]))):
-      f.write(json.dumps({"step": step, "response": str(batch["text_B"][i]), "truth": str(batch["truth_B"][i]),
-                          "acc": bool(batch["acc_B"][i]), "score": float(batch["score_B"][i]),
-                          "length": int(batch["lengths_B"][i])}) + "\n")
+def _sample_lines(step: int, batch: dict, n: int) -> list[str]:
+  """`samples.jsonl` lines for the first `n` responses of the step's batch."""
+  return [json.dumps({"step": step, "response": str(batch["text_B"][i]), "truth": str(batch["truth_B"][i]),
+                      "acc": bool(batch["acc_B"][i]), "score": float(batch["score_B"][i]),
+                      "length": int(batch["lengths_B"][i])}) + "\n"
+          for i in range(min(n, len(batch["acc_B"])))]
+
+
+def _recover_step_log(writer: MetricWriter, workdir: Path, step: int, record: dict, enabled: bool):
+  """Writes the checkpoint step's log rows from its record when the logs lack them (killed between the save
+  and the write)."""
+  log = record.get("log")
+  if not enabled or not log or any(r["step"] == step for r in read_metrics(workdir)):
+    return
+  writer.write(step, json.loads(log["metrics"]))
+  if log["samples"]:
+    with open(workdir / "samples.jsonl", "a") as f:
+      f.writelines(log["samples"])
+  logging.info("step %d's log rows restored from its checkpoint", step)

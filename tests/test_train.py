@@ -96,7 +96,17 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
   # The same workdir with another config is refused; with the override it resumes (and has nothing to do).
   with pytest.raises(ValueError, match=r"holds a run of another config \(fields differ: \['actor.lr'\]"):
     train_and_evaluate(tiny_config(data_dir, **{"actor.lr": 5e-4}), str(tmp_path))
+  # Killed after checkpoint 3 was saved but before its log rows were written: resuming writes them from it.
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+  samples = (tmp_path / "samples.jsonl").read_text().splitlines()
+  (tmp_path / "samples.jsonl").write_text("".join(s + "\n" for s in samples if json.loads(s)["step"] < 3))
   train_and_evaluate(tiny_config(data_dir, **{"actor.lr": 5e-4, "allow_different_config": True}), str(tmp_path))
+  back = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(back) == len(lines) and json.loads(back[-1])["step"] == 3
+  assert {k: v for k, v in json.loads(back[-1]).items() if not k.startswith("timing_s/")} == \
+      {k: v for k, v in json.loads(lines[-1]).items() if not k.startswith("timing_s/")}
+  assert (tmp_path / "samples.jsonl").read_text().splitlines() == samples
 
 
 @pytest.mark.parametrize("field,value,match", [
