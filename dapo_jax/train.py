@@ -344,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with _timed(timings, "old_log_prob"):
           old = trainer.logprobs(state.params, sharded)
           known_B = batch["old_logp_known_B"]
-          if known_B.any():  # carried in: sampled by the previous step's weights, their log-probs kept
+          if known_B.any():  # carried in: sampled by an earlier step's weights, their log-probs kept
             extra = len(update_batch.adv_B) - len(known_B)
             known = np.concatenate([known_B, np.zeros(extra, bool)])
             carried = np.concatenate([batch["old_logp_BxN"], np.zeros((extra,) + old.shape[-1:], np.float32)])
