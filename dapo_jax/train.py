@@ -27,7 +27,7 @@ from dapo_jax import sharding
 from dapo_jax.advantages import group_advantages
 from dapo_jax.dynamic_sampling import DynamicSampling, GroupAccumulator, concat_rows
 from dapo_jax.evaluate import summarize
-from dapo_jax.metrics import MetricWriter, Progress, plot_run, read_metrics
+from dapo_jax.metrics import MetricWriter, Progress, plot_run, read_metrics, read_samples
 from dapo_jax.rewards import OverlongShaping, RewardExecutor
 from dapo_jax.sampling import Rollout, SamplingParams, generate
 from dapo_jax.train_step import Batch, Trainer, pad_rows
@@ -421,13 +421,15 @@ def _sample_lines(step: int, batch: dict, n: int) -> list[str]:
 
 
 def _recover_step_log(writer: MetricWriter, workdir: Path, step: int, record: dict, enabled: bool):
-  """Writes the checkpoint step's log rows from its record when the logs lack them (killed between the save
-  and the write)."""
+  """Writes the checkpoint step's metrics row and sample lines from its record where the logs lack them
+  (killed between the save and the writes, or between the two writes)."""
   log = record.get("log")
-  if not enabled or not log or any(r["step"] == step for r in read_metrics(workdir)):
+  if not enabled or not log:
     return
-  writer.write(step, json.loads(log["metrics"]))
-  if log["samples"]:
+  if not any(r["step"] == step for r in read_metrics(workdir)):
+    writer.write(step, json.loads(log["metrics"]))
+    logging.info("step %d's metrics restored from its checkpoint", step)
+  if log["samples"] and not any(r["step"] == step for r in read_samples(workdir)):
     with open(workdir / "samples.jsonl", "a") as f:
       f.writelines(log["samples"])
-  logging.info("step %d's log rows restored from its checkpoint", step)
+    logging.info("step %d's samples restored from its checkpoint", step)

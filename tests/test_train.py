@@ -107,6 +107,11 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
   assert {k: v for k, v in json.loads(back[-1]).items() if not k.startswith("timing_s/")} == \
       {k: v for k, v in json.loads(lines[-1]).items() if not k.startswith("timing_s/")}
   assert (tmp_path / "samples.jsonl").read_text().splitlines() == samples
+  # Killed between the two writes: the metrics row is there, the sample lines are not.
+  (tmp_path / "samples.jsonl").write_text("".join(s + "\n" for s in samples if json.loads(s)["step"] < 3))
+  train_and_evaluate(tiny_config(data_dir, **{"actor.lr": 5e-4, "allow_different_config": True}), str(tmp_path))
+  assert (tmp_path / "samples.jsonl").read_text().splitlines() == samples
+  assert (tmp_path / "metrics.jsonl").read_text().splitlines() == back
 
 
 @pytest.mark.parametrize("field,value,match", [
