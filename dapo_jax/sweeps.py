@@ -22,9 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dapo_jax import paths
 from dapo_jax.metrics import read_metrics, save_figure, style_axes
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +50,7 @@ def load_module(config_spec: str):
     raise FileNotFoundError(f"sweep: no config file {file}")
   spec = importlib.util.spec_from_file_location(f"_sweep_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
-  if str(ROOT) not in sys.path:  # configs import each other as `configs.<name>`
-    sys.path.insert(0, str(ROOT))
+  paths.make_configs_importable()
   spec.loader.exec_module(module)
   return module, arg
 

@@ -185,10 +185,10 @@ def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = Tru
   suffix = "" if dedup else "_copies"
   record = Path(data_dir) / "sources.json"
   key = f"{name}{suffix} {source_dir}"
+  known = json.loads(record.read_text()) if record.is_file() else {}
   try:
     fingerprint = source_fingerprint(name, source_dir)
   except DataError:
-    known = json.loads(record.read_text()) if record.is_file() else {}
     if key not in known:
       raise
     fingerprint = known[key]
@@ -197,7 +197,6 @@ def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = Tru
   tfds.display_progress_bar(False)
   builder = DapoMath(config=config, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare()
-  known = json.loads(record.read_text()) if record.is_file() else {}
   if known.get(key) != fingerprint:
     known[key] = fingerprint
     tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")
