@@ -54,27 +54,27 @@ def summarize(problems: list[dict], k: int) -> dict:
 def evaluate_rows(model, tokenizer, rows, *, k: int, temperature: float, top_p: float,
                   max_new_tokens: int, seed: int = 0, batch_prompts: int = 8, workers: int = 2,
                   reward_name: str = "math_dapo") -> dict:
+  """Samples k responses to each row's prompt, `batch_prompts` prompts per sampler call (chunk i with
+  fold_in(key(seed), i), as training's evaluation), scores them and summarises (see `summarize`). Every
+  process samples its share of each call's rows and scores its block of the responses; all get the summary."""
   import jax
-  from dapo_jax import distributed
   from dapo_jax.rewards import RewardExecutor
-  from dapo_jax.sampling import SamplingParams, generate
+  from dapo_jax.sampling import SamplingParams
+  from dapo_jax.train import generate_in_chunks, score_shared
   params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
-  problems = []
+  # The last chunk is filled up to the others' size, so that every call runs one program.
+  out = generate_in_chunks(model, [r["prompt_ids"] for r in rows], params, jax.random.key(seed), k,
+                           batch_prompts, fill=True)
+  tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
+  texts = [tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
   with RewardExecutor(reward_name, workers=workers) as executor:
-    for start in range(0, len(rows), batch_prompts):
-      chunk = rows[start:start + batch_prompts]
-      out = distributed.to_host(generate(model, [r["prompt_ids"] for r in chunk], params,
-                                         jax.random.fold_in(jax.random.key(seed), start), num_samples=k))
-      tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
-      texts = [tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
-      results = executor.score(texts, [chunk[i // k]["answer"] for i in range(len(texts))])
-      for j, r in enumerate(chunk):
-        problems.append({"index": r.get("index", r.get("id")), "answer": r["answer"], "results": results[j * k:(j + 1) * k],
-                         "sample": texts[j * k][-300:]})
+    results = score_shared(executor, texts, [rows[i // k]["answer"] for i in range(len(texts))])
+  problems = [{"index": r.get("index", r.get("id")), "answer": r["answer"], "results": results[j * k:(j + 1) * k]}
+              for j, r in enumerate(rows)]
   summary = summarize(problems, k)
-  for p, s in zip(problems, summary["problems"]):
-    s["sample"] = p["sample"]
+  for j, s in enumerate(summary["problems"]):
+    s["sample"] = texts[j * k][-300:]
   return summary
 
 

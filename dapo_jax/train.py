@@ -97,7 +97,7 @@ class RolloutScorer:
     with _timed(timings, "reward"):
       texts = [self.task.tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
       truths = [rows[i // g]["answer"] for i in range(len(tokens))]
-      results = _score_shared(self.executor, texts, truths)
+      results = score_shared(self.executor, texts, truths)
     lengths = np.asarray(out.lengths_B)
     return {
         "prompt_BxP": np.asarray(out.prompt_BxP), "prompt_mask_BxP": np.asarray(out.prompt_mask_BxP),
@@ -177,7 +177,7 @@ def generate_in_chunks(model, prompts: list, params: SamplingParams, rng, num_sa
   return Rollout(**concat_rows(parts, left_padded=_PROMPT_KEYS))
 
 
-def _score_shared(executor: RewardExecutor, texts: list[str], truths: list) -> list[dict]:
+def score_shared(executor: RewardExecutor, texts: list[str], truths: list) -> list[dict]:
   """Each process scores its block of the responses; every process gets all the results, in order."""
   block = distributed.share(len(texts))
   return distributed.gather_list(executor.score(texts[block], truths[block]))
@@ -194,7 +194,7 @@ def evaluate(model, task: tasks.Task, config, rng, executor: RewardExecutor) -> 
   out = generate_in_chunks(model, [r["prompt_ids"] for r in rows], params, rng, e.k, e.get("chunk_size", 0),
                            fill=True)
   tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
-  results = _score_shared(executor, [tok.decode(tokens[i][mask[i]]) for i in range(len(tokens))],
+  results = score_shared(executor, [tok.decode(tokens[i][mask[i]]) for i in range(len(tokens))],
                           [rows[i // e.k]["answer"] for i in range(len(tokens))])
   acc = np.asarray([r["acc"] for r in results], np.float32).reshape(len(rows), e.k)
   # maj@k as the evaluation CLI computes it (nan when the reward gives no prediction to vote on).

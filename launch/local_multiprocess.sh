@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Runs N cooperating processes of `dapo_jax.main` on this machine, each with D fake CPU devices, connected
-# through a local coordinator and gloo collectives: a multi-host run in miniature (the test uses it).
+# through a local coordinator and gloo collectives: a multi-host run in miniature (the tests use it).
 #
 #   bash launch/local_multiprocess.sh [--config=configs/default.py] --workdir=runs/mp [--config.x=y ...]
+#   MODULE=dapo_jax.evaluate bash launch/local_multiprocess.sh --checkpoint=runs/mp --dataset=task --k=8
 #
 # Environment:
+#   MODULE             the program every process runs (default dapo_jax.main; dapo_jax.evaluate takes the same
+#                      distributed flags)
 #   NUM_PROCESSES      processes to start (default 2)
 #   DEVICES_PER_PROC   fake CPU devices per process (default 2): XLA_FLAGS=--xla_force_host_platform_device_count
 #   COORDINATOR_PORT   localhost port of process 0's coordinator (default: a free one)
@@ -23,7 +26,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
 for ((i = 0; i < N; i++)); do
   cmd=(env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$D ${XLA_FLAGS:-}"
-       "$PY" -m dapo_jax.main --coordinator_address="127.0.0.1:$PORT" --num_processes="$N" --process_id="$i" "$@")
+       "$PY" -m "${MODULE:-dapo_jax.main}" --coordinator_address="127.0.0.1:$PORT" --num_processes="$N" --process_id="$i" "$@")
   if [ -n "${LOG_DIR:-}" ]; then
     mkdir -p "$LOG_DIR"
     "${cmd[@]}" >"$LOG_DIR/proc_$i.log" 2>&1 &

@@ -20,7 +20,15 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "test" ]; then
-  .venv/bin/python -m pip install -q -r requirements.txt -r requirements-test.txt
+  # The tests need torch (transformers is their parity oracle) on CPU only. PyPI's Linux torch pulls ~2.5 GB of
+  # CUDA libraries: where PyTorch's CPU wheel index answers, its CPU build is taken instead (TORCH_CPU_INDEX=
+  # empty skips the probe; offline machines install from their configured indexes as before).
+  TORCH_CPU_INDEX=${TORCH_CPU_INDEX-https://download.pytorch.org/whl/cpu}
+  extra=()
+  if [ -n "$TORCH_CPU_INDEX" ] && .venv/bin/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=5)' "$TORCH_CPU_INDEX" 2>/dev/null; then
+    extra=(--extra-index-url "$TORCH_CPU_INDEX")
+  fi
+  .venv/bin/python -m pip install -q ${extra[@]+"${extra[@]}"} -r requirements.txt -r requirements-test.txt
 else
   .venv/bin/python -m pip install -q -r requirements.txt
 fi

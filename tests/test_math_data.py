@@ -236,6 +236,11 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
   assert len(summary["problems"]) == 3 and set(summary["overall"]) == {"avg@4", "maj@4", "pass@1", "pass@2",
                                                                        "pass@4"}
   assert summary["problems"][0]["answer"] == "18" and summary["problems"][0]["n"] == 4
+  # Greedy samples do not depend on how the problems are chunked (the last chunk is filled up and cut back).
+  with jax.set_mesh(mesh):
+    greedy = [evaluate.evaluate_rows(model, tok, eval_rows, k=2, temperature=0.0, top_p=1.0, max_new_tokens=16,
+                                     workers=0, batch_prompts=b)["problems"] for b in (2, 8)]
+  assert [p["sample"] for p in greedy[0]] == [p["sample"] for p in greedy[1]]
 
 
 def test_paper_configs_and_memory_estimate():

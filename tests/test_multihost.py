@@ -86,6 +86,27 @@ def test_only_process_zero_writes_logs(runs):
       [str(s) for s in range(STEPS - 2, STEPS + 1)]
 
 
+def test_two_processes_evaluate_like_one(runs):
+  """The evaluation CLI across 2 processes x 2 devices: the same samples, scores and summary as 1 x 4 (each
+  process samples its devices' rows and scores its block of responses), written once, by process 0."""
+  tmp, _ = runs
+  flags = [f"--checkpoint={tmp / 'one'}", "--dataset=task", "--k=4", "--limit=6", "--max_new_tokens=24"]
+  out = subprocess.run([sys.executable, "-m", "dapo_jax.evaluate", *flags, f"--out={tmp / 'eval_one.json'}"],
+                       cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  env = dict(_env(2), MODULE="dapo_jax.evaluate", NUM_PROCESSES="2", DEVICES_PER_PROC="2", PYTHON=sys.executable,
+             LOG_DIR=str(tmp / "eval_logs"))
+  out = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), *flags,
+                        f"--out={tmp / 'eval_two.json'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  logs = [(tmp / "eval_logs" / f"proc_{i}.log").read_text() for i in range(2)]
+  assert out.returncode == 0, "".join(log[-2000:] for log in logs)
+  one, two = (json.loads((tmp / f"eval_{n}.json").read_text()) for n in ("one", "two"))
+  assert len(two["problems"]) == 6 and one["overall"] == two["overall"]
+  assert [(p["correct"], p["majority_pred"], p["sample"]) for p in one["problems"]] == \
+      [(p["correct"], p["majority_pred"], p["sample"]) for p in two["problems"]]
+  assert "wrote" in logs[0] and "wrote" not in logs[1]
+
+
 def test_process_blocks_of_a_global_batch_are_the_single_process_batch():
   from dapo_jax.data.iterator import PromptIterator
   rows = list(range(37))
