@@ -1,5 +1,5 @@
 """Tokenizers: one small interface over a SentencePiece `.model` or a Hugging Face `tokenizer.json`, with the
-chat template of `tokenizer_config.json` (or `chat_template.jinja`) rendered as transformers renders it, and
+chat template (`chat_template.jinja`, else `tokenizer_config.json`'s) rendered as transformers renders it, and
 the stop tokens generation should end on.
 
     tok = load_tokenizer("path/to/checkpoint")
@@ -219,7 +219,7 @@ def load_tokenizer(path: str | os.PathLike, *, extra_stop_tokens: Sequence[str] 
                    chat_template: str | None = None) -> Tokenizer:
   """A tokenizer from a checkpoint directory (tokenizer.json or tokenizer.model, with tokenizer_config.json)
   or from a `.model` / `tokenizer.json` file directly."""
-  path = Path(path)
+  path = Path(path).expanduser()
   if path.is_file():
     directory, file = path.parent, path
   elif path.is_dir():
@@ -232,12 +232,12 @@ def load_tokenizer(path: str | os.PathLike, *, extra_stop_tokens: Sequence[str] 
     raise TokenizerError(f"{path}: no such tokenizer file or directory")
   config_file = directory / "tokenizer_config.json"
   config = _read_json(config_file) if config_file.is_file() else {}
-  template = chat_template or config.get("chat_template")
+  # chat_template.jinja before tokenizer_config.json's field, as transformers 5 takes them: a tokenizer
+  # re-saved by newer transformers keeps the old field beside the file, and the file is the one in use.
+  jinja_file = directory / "chat_template.jinja"
+  template = chat_template or (jinja_file.read_text() if jinja_file.is_file() else config.get("chat_template"))
   if isinstance(template, list):  # named templates: use "default"
     named = {t.get("name"): t.get("template") for t in template}
     template = named.get("default")
-  jinja_file = directory / "chat_template.jinja"
-  if template is None and jinja_file.is_file():
-    template = jinja_file.read_text()
   cls = SentencePieceTokenizer if file.suffix == ".model" else HFTokenizer
   return cls(file, config=config, source=directory, chat_template=template, extra_stop_tokens=extra_stop_tokens)

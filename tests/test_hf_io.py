@@ -143,3 +143,49 @@ def test_pickle_checkpoint_is_refused_with_conversion_advice(good_checkpoint, tm
   (path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
   with pytest.raises(M.CheckpointError, match="pickle checkpoint.*safe_serialization=True"):
     M.load_hf(path)
+
+
+def test_exporting_twice_into_one_directory_leaves_only_the_new_weights(tmp_path):
+  """A float32 export past the shard size, then a one-file export, into one directory (and back): each loads
+  as itself, in dapo_jax and in transformers, with no stale index or shards left to pick up."""
+  import transformers
+  cfg = M.preset("tiny", tie_word_embeddings=False)
+  old, new = M.init_sharded(cfg, ONE, seed=1), M.init_sharded(cfg, ONE, seed=2)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 12)).astype(np.int32)
+  for first, second, shard_bytes in ((old, new, (60_000, 2**40)), (new, old, (2**40, 60_000))):
+    M.save_hf(first, tmp_path, max_shard_bytes=shard_bytes[0])
+    M.save_hf(second, tmp_path, max_shard_bytes=shard_bytes[1])
+    want = np.asarray(second(jnp.asarray(tokens)))
+    np.testing.assert_allclose(np.asarray(M.load_hf(tmp_path, mesh=ONE)[0](jnp.asarray(tokens))), want, atol=1e-5)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").float()
+    np.testing.assert_allclose(hf_logits(hf, tokens), want, atol=1e-4)
+  assert not (tmp_path / "model.safetensors").exists()
+  assert sorted(p.name for p in tmp_path.glob("model-*")) == [
+      f"model-{i:05d}-of-{n:05d}.safetensors" for n in [len(list(tmp_path.glob("model-*")))] for i in range(1, n + 1)]
+
+
+def test_a_directory_with_both_weight_layouts_is_refused(good_checkpoint, tmp_path):
+  path = _copy(good_checkpoint, tmp_path / "c")
+  M.save_hf(M.init_sharded(M.load_hf(path, mesh=ONE)[1], ONE), tmp_path / "other")
+  shutil.copy(tmp_path / "other" / "model.safetensors", path / "model.safetensors")
+  with pytest.raises(M.CheckpointError, match=r"holds both model.safetensors and model.safetensors.index.json "
+                                              r".*model.safetensors is the newer"):
+    M.load_hf(path)
+
+
+def test_a_tensor_missing_from_the_shard_the_index_names_is_named(good_checkpoint, tmp_path):
+  path = _copy(good_checkpoint, tmp_path / "c")
+  index = json.loads((path / "model.safetensors.index.json").read_text())
+  shards = sorted(set(index["weight_map"].values()))
+  name = next(n for n, f in index["weight_map"].items() if f == shards[0])
+  index["weight_map"][name] = shards[1]
+  (path / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(M.CheckpointError, match=f"{shards[1]}: has no tensor {name}, which "
+                                              f"model.safetensors.index.json places there"):
+    M.load_hf(path)
+
+
+def test_home_directory_paths_are_expanded(good_checkpoint, monkeypatch):
+  monkeypatch.setenv("HOME", str(good_checkpoint.parent))
+  _, cfg = M.load_hf(f"~/{good_checkpoint.name}", mesh=ONE)
+  assert cfg.num_layers == M.load_hf(good_checkpoint, mesh=ONE)[1].num_layers

@@ -131,3 +131,17 @@ def test_sandbox_blocks_python_access(hf_dir, tmp_path):
       {"chat_template": "{{ messages.__class__.__mro__[1].__subclasses__() }}"}))
   with pytest.raises(Exception, match="unsafe|access"):
     load_tokenizer(d).apply_chat_template(MESSAGES)
+
+
+def test_chat_template_file_wins_over_the_config_field(hf_dir, tmp_path):
+  """transformers 5 renders chat_template.jinja when both it and tokenizer_config.json's field exist (a
+  tokenizer re-saved by newer transformers keeps both): so do we."""
+  import shutil
+  import transformers
+  path = tmp_path / "tok"
+  shutil.copytree(hf_dir, path)
+  (path / "chat_template.jinja").write_text("FILE {{ messages[0]['content'] }}")
+  ours = load_tokenizer(path).apply_chat_template(MESSAGES)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(path)).apply_chat_template(
+      MESSAGES, tokenize=False, add_generation_prompt=True)
+  assert ours == theirs == "FILE What is 12 plus 30?"

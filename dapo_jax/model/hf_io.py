@@ -115,7 +115,7 @@ def _layouts(cfg: ModelConfig) -> dict[tuple, _Layout]:
 
 
 def read_hf_config(path: str | os.PathLike) -> tuple[dict, Path]:
-  path = Path(path)
+  path = Path(path).expanduser()
   file = path / "config.json"
   if not path.is_dir():
     raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -129,7 +129,13 @@ def read_hf_config(path: str | os.PathLike) -> tuple[dict, Path]:
 
 def _weight_map(path: Path) -> dict[str, Path]:
   """Tensor name -> the safetensors file that holds it."""
-  index = path / INDEX_FILE
+  index, single = path / INDEX_FILE, path / SINGLE_FILE
+  if index.is_file() and single.is_file():
+    # Loaders disagree on which wins (transformers takes the single file, vLLM the index): two exports in one
+    # directory, and whichever we picked, something else would read the other weights.
+    newer = max((index, single), key=lambda f: f.stat().st_mtime).name
+    raise CheckpointError(f"{path}: holds both {SINGLE_FILE} and {INDEX_FILE} (two exports into one directory? "
+                          f"{newer} is the newer); loaders differ on which to read, so delete the stale one")
   if index.is_file():
     try:
       weight_map = json.loads(index.read_text())["weight_map"]
@@ -140,9 +146,9 @@ def _weight_map(path: Path) -> dict[str, Path]:
       if not file.is_file():
         raise CheckpointError(f"{index}: lists shard {file.name}, which is missing from {path}")
     return files
-  single = path / SINGLE_FILE
   if single.is_file():
-    return {name: single for name in _open(single).keys()}
+    with _open(single) as f:
+      return {name: single for name in f.keys()}
   pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
   if pickles:
     raise CheckpointError(
@@ -169,7 +175,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", compute_dtype: s
   every device goes on the fsdp axis. `options` are execution options of ModelConfig (remat,
   attention_chunk).
   """
-  path = Path(path)
+  path = Path(path).expanduser()
   hf_cfg, cfg_file = read_hf_config(path)
   try:
     cfg = ModelConfig.from_hf(hf_cfg, source=str(cfg_file), param_dtype=dtype, dtype=compute_dtype or dtype,
@@ -198,10 +204,14 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", compute_dtype: s
   loaded = []
   with contextlib.ExitStack() as stack:
     handles = {f: stack.enter_context(_open(f)) for f in sorted(set(files[n] for n in expected))}
+    held = {f: set(h.keys()) for f, h in handles.items()}
     # Check every tensor before allocating anything, and report all mismatches at once.
     problems = []
     for path_parts, var in nnx.to_flat_state(abs_state):
       lay = layouts[path_parts]
+      if lay.hf_name not in held[files[lay.hf_name]]:
+        problems.append(f"{files[lay.hf_name]}: has no tensor {lay.hf_name}, which {INDEX_FILE} places there")
+        continue
       tensor = handles[files[lay.hf_name]].get_slice(lay.hf_name)
       shape, hf_dtype = tuple(tensor.get_shape()), tensor.get_dtype()
       if shape != lay.hf_shape:
@@ -270,6 +280,13 @@ def save_hf(model: Transformer, path: str | os.PathLike, *, dtype: str | None = 
     size += nbytes
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  if writer:
+    # A directory exported to before keeps none of that export's weight files: a stale index or single file
+    # beside the new one would make loaders pick different weights.
+    stale = [path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")]
+    for f in stale:
+      if f.name not in names and f.is_file():
+        f.unlink()
   weight_map, total = {}, 0
   for name, shard in zip(names, shards):
     tensors = {}
