@@ -20,3 +20,26 @@ def start(config) -> None:
   F = flags.FLAGS
   distributed.set_cpu_devices(config.get("hardware", {}).get("cpu_devices", 0))
   distributed.initialize(F.coordinator_address, F.num_processes, F.process_id, mode=F.distributed)
+
+
+def define_checkpoint_flags() -> None:
+  """--config and --checkpoint of the programs that read a trained policy (evaluation, export)."""
+  from ml_collections import config_flags
+  from dapo_jax import paths
+  paths.make_configs_importable()
+  config_flags.DEFINE_config_file("config", paths.DEFAULT_CONFIG, "The run's config file (default: a training "
+                                  "workdir's own run_config.json, else configs/default.py).", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A Hugging Face checkpoint dir or a training workdir.", required=True)
+
+
+def checkpoint_config():
+  """(config, the run_config.json it came from or None): a training workdir given as --checkpoint without
+  --config is read with its config as it ran (model overrides and all), not configs/default.py."""
+  import json
+  from pathlib import Path
+  import ml_collections
+  F = flags.FLAGS
+  run_config = Path(F.checkpoint).expanduser() / "run_config.json"
+  if run_config.is_file() and not F["config"].present:
+    return ml_collections.ConfigDict(json.loads(run_config.read_text())), run_config
+  return F.config, None

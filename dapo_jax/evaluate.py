@@ -88,7 +88,7 @@ def load_policy(checkpoint: str, config, mesh, *, step: int | None = None):
   from dapo_jax.tokenizer import load_tokenizer
   from dapo_jax.train_step import Trainer
   from dapo_jax import config_lib
-  path = Path(checkpoint)
+  path = Path(checkpoint).expanduser()
   if (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
     model, _ = M.load_hf(path, dtype=config.model.param_dtype, compute_dtype=config.model.dtype, mesh=mesh)
     return model, load_tokenizer(config.tokenizer.path or path)
@@ -156,17 +156,12 @@ def main(argv):
   from absl import flags
   from dapo_jax import cli
   F = flags.FLAGS
-  config = F.config
-  run_config = Path(F.checkpoint) / "run_config.json"
-  if run_config.is_file() and not F["config"].present:
-    # A training workdir: its config as it ran (model overrides and all), not configs/default.py.
-    import ml_collections
-    config = ml_collections.ConfigDict(json.loads(run_config.read_text()))
+  config, run_config = cli.checkpoint_config()
   cli.start(config)
   import jax
   from dapo_jax import distributed, sharding
   log = print if distributed.is_main() else (lambda *_: None)
-  if run_config.is_file() and not F["config"].present:
+  if run_config:
     log(f"config: {run_config}")
   mesh = sharding.make_mesh(dict(config.mesh))
   # Built outside `jax.set_mesh`: abstract models carry logical axis names, which are not mesh axes.
@@ -191,12 +186,8 @@ def main(argv):
 
 def _define_flags():
   from absl import flags
-  from ml_collections import config_flags
-  from dapo_jax import paths
-  paths.make_configs_importable()
-  config_flags.DEFINE_config_file("config", paths.DEFAULT_CONFIG, "The run's config file (default: a training workdir's own "
-                                  "run_config.json, else configs/default.py).", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "A Hugging Face checkpoint dir or a training workdir.", required=True)
+  from dapo_jax import cli
+  cli.define_checkpoint_flags()
   flags.DEFINE_string("dataset", "task", "'task' (the config's held-out split) or aime24, aime25, amc2023, "
                       "math500, gsm8k, dapo_aime24.")
   flags.DEFINE_integer("k", 32, "Samples per problem.")
@@ -207,7 +198,6 @@ def _define_flags():
   flags.DEFINE_string("reward", "", "Reward name (default: the config's; math_verify for LaTeX answers).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("out", "", "JSON output path (default: in the checkpoint dir).")
-  from dapo_jax import cli
   cli.define_distributed_flags()
 
 

@@ -154,6 +154,7 @@ class HFTokenizer(Tokenizer):
 
   def __init__(self, file: Path, **kwargs):
     import tokenizers
+    self.file = Path(file)
     try:
       self._tok = tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # the Rust library raises a bare Exception
@@ -180,6 +181,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, file: Path, **kwargs):
     import sentencepiece
+    self.file = Path(file)
     self._sp = sentencepiece.SentencePieceProcessor()
     try:
       self._sp.Load(str(file))

@@ -241,6 +241,25 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
     greedy = [evaluate.evaluate_rows(model, tok, eval_rows, k=2, temperature=0.0, top_p=1.0, max_new_tokens=16,
                                      workers=0, batch_prompts=b)["problems"] for b in (2, 8)]
   assert [p["sample"] for p in greedy[0]] == [p["sample"] for p in greedy[1]]
+  # Exported (what `python -m dapo_jax.export` writes): transformers loads the same policy and tokenizer.
+  import jax.numpy as jnp
+  import transformers
+  from dapo_jax import export, model as M
+  from dapo_jax.testing import hf_logits
+  M.save_hf(model, tmp_path / "hf")
+  export.write_tokenizer(tok, tmp_path / "hf")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).float()
+  tokens = np.asarray([eval_rows[0]["prompt_ids"]], np.int32)
+  with jax.set_mesh(mesh):
+    np.testing.assert_allclose(hf_logits(hf, tokens), np.asarray(model(jnp.asarray(tokens))), atol=1e-4)
+  # The generic tokenizer.json loader (AutoTokenizer would build Qwen2Tokenizer's own pre-tokenizer for this
+  # qwen2 model: right for Qwen's vocabulary, not for this test's).
+  hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "hf"))
+  text = tok.apply_chat_template(eval_rows[0]["messages"])
+  assert hf_tok.apply_chat_template(eval_rows[0]["messages"], tokenize=False, add_generation_prompt=True) == text
+  assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+  gen = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"))
+  assert list(np.atleast_1d(gen.eos_token_id)) == list(tok.stop_ids)
 
 
 def test_paper_configs_and_memory_estimate():

@@ -93,6 +93,22 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
   assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
   assert "run_config.json" in out.stdout and "checkpoint step 3" in out.stdout
   assert json.loads((tmp_path / "eval_task_k2.json").read_text())["k"] == 2
+  # Exported as a Hugging Face checkpoint: the same policy and tokenizer, loaded from the export alone.
+  out = subprocess.run([sys.executable, "-m", "dapo_jax.export", f"--checkpoint={tmp_path}", "--step=2",
+                        f"--out={tmp_path / 'hf'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  assert "tokenizer.model, tokenizer_config.json, generation_config.json" in out.stdout
+  from dapo_jax import evaluate, model as M
+  from dapo_jax.tokenizer import load_tokenizer
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  trained, tok = evaluate.load_policy(str(tmp_path), config, mesh, step=2)
+  exported, _ = M.load_hf(tmp_path / "hf", mesh=mesh)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, trained.cfg.vocab_size, (2, 9)), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(exported(tokens)), np.asarray(trained(tokens)))
+  tok2 = load_tokenizer(tmp_path / "hf")
+  prompt = tok.apply_chat_template([{"role": "user", "content": "7+5"}])
+  assert tok2.apply_chat_template([{"role": "user", "content": "7+5"}]) == prompt
+  assert tok2.encode(prompt) == tok.encode(prompt) and tok2.stop_ids == tok.stop_ids
   # The same workdir with another config is refused; with the override it resumes (and has nothing to do).
   with pytest.raises(ValueError, match=r"holds a run of another config \(fields differ: \['actor.lr'\]"):
     train_and_evaluate(tiny_config(data_dir, **{"actor.lr": 5e-4}), str(tmp_path))
