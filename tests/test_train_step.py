@@ -156,6 +156,28 @@ def test_recomputed_old_logprobs_equal_the_samplers():
   np.testing.assert_allclose(old * batch.mask_BxN, batch.old_logp_BxN, atol=2e-5)
 
 
+def test_remat_and_attention_chunks_train_as_without():
+  """The recipes' memory options (layer remat, query blocks) inside the trainer's micro-batch loops (lax.map of
+  the old-log-prob pass, the update's scan): the same log-probs, loss and gradients as without them."""
+  model = M.init_sharded(CFG, ONE, seed=1)
+  _, batch = rollout_batch(model)
+  plain = Trainer(model, UpdateConfig(num_micro_batches=2), ONE)
+  lean_model = M.init_sharded(CFG.replace(remat=True, attention_chunk=8), ONE, seed=1)
+  lean = Trainer(lean_model, UpdateConfig(num_micro_batches=2), ONE)
+  ref_state, state = plain.init_state(model), lean.init_state(lean_model)
+  sharded = plain.shard_batch(batch)
+  np.testing.assert_allclose(np.asarray(lean.logprobs(state.params, sharded)),
+                             np.asarray(plain.logprobs(ref_state.params, sharded)), atol=1e-6)
+  ref_loss, ref, _ = flat_grads(plain, ref_state, batch)
+  loss, g, _ = flat_grads(lean, state, batch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-7)
+  (ref_state, ref_m), (state, m) = plain.update(ref_state, sharded), lean.update(state, sharded)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref_state.params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  np.testing.assert_allclose(float(m["actor/pg_loss"]), float(ref_m["actor/pg_loss"]), rtol=1e-6)
+
+
 def test_invalid_update_config_is_named():
   with pytest.raises(ValueError, match="clip_c"):
     UpdateConfig(clip_c=1.0)

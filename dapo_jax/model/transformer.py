@@ -369,8 +369,12 @@ class Transformer(nnx.Module):
     new_kv = []
     for i, layer in enumerate(self.layers):
       if kv is None and cfg.remat:
-        # Keep only each layer's input for the backward pass; recompute the rest.
-        x, out_kv = nnx.remat(lambda blk, h: blk(h, cos, sin, mask_BxTxS))(layer, x)
+        # Keep only each layer's input for the backward pass; recompute the rest. A pure jax.checkpoint over
+        # the layer's state (merged inside): nnx.remat on the module itself fails when the model was merged
+        # outside an enclosing lax.map / scan, as the trainer's micro-batch loops do.
+        layer_def, layer_state = nnx.split(layer)
+        x, out_kv = jax.checkpoint(
+            lambda st, h, layer_def=layer_def: nnx.merge(layer_def, st)(h, cos, sin, mask_BxTxS))(layer_state, x)
       else:
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
         x, out_kv = layer(x, cos, sin, mask_BxTxS, layer_kv, None if kv is None else kv[2])
