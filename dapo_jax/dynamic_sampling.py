@@ -5,7 +5,7 @@ differ is still dropped, as in the reference. Groups are kept whole and in order
 
 Where the reference is weak we give choices: when `max_num_gen_batches` generation batches have not filled
 the batch, `on_exhausted="raise"` stops (the reference) or `"train_on_kept"` trains on what was kept, with a
-warning; `carry_over=True` keeps surplus groups for the next step instead of discarding them.
+warning (and stops too when nothing was kept: no group had an advantage to learn from); `carry_over=True` keeps surplus groups for the next step instead of discarding them.
 """
 
 from __future__ import annotations
@@ -119,9 +119,12 @@ class GroupAccumulator:
     if not self.ready and limit and self.num_gen_batches >= limit:
       msg = (f"dynamic sampling kept {self.kept_groups} of {self.s.train_batch_size} groups after "
              f"{self.num_gen_batches} generation batches (max_num_gen_batches={limit})")
-      if self.s.on_exhausted == "raise" or self.kept_groups == 0:
-        raise DynamicSamplingExhausted(msg + ": the data may be too easy or too hard for this policy; raise "
-                                       "max_num_gen_batches (0 = no limit) or set on_exhausted='train_on_kept'")
+      advice = ": the data may be too easy or too hard for this policy; raise max_num_gen_batches (0 = no limit)"
+      if self.s.on_exhausted == "raise":
+        raise DynamicSamplingExhausted(msg + advice + " or set on_exhausted='train_on_kept'")
+      if self.kept_groups == 0:
+        # Every answer in every group right, or every one wrong: no group has an advantage to train on.
+        raise DynamicSamplingExhausted(msg + ", so even on_exhausted='train_on_kept' has nothing to train on" + advice)
       logging.warning("%s; training on the kept groups", msg)
       self.exhausted = True
     return int(keep_G.sum())

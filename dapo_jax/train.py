@@ -225,7 +225,11 @@ def token_summary(name: str, x_B, mask_BxN) -> dict[str, float]:
 def _check_workdir_config(workdir: Path, config) -> None:
   saved = workdir / "config.json"
   current = config_lib.comparable(config)
-  if saved.is_file():
+  # Only a run with a checkpoint has anything to resume; one that failed before its first (a missing data
+  # file, a config that did not build) is started again with the corrected config.
+  checkpoints = workdir / "checkpoints"
+  resumable = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+  if saved.is_file() and resumable:
     previous = json.loads(saved.read_text())
     if previous != current and not config.allow_different_config:
       diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))

@@ -93,6 +93,14 @@ def test_accumulator_exhaustion_policies():
   lenient.add(b, b["acc"])
   batch, m = lenient.take()
   assert len(batch["tag"]) == 4 and m["train/num_trained_groups"] == 2
+  hopeless = GroupAccumulator(DynamicSampling(train_batch_size=4, max_num_gen_batches=2,
+                                              on_exhausted="train_on_kept"), group_size=2)
+  wrong = _batch([0, 0, 0, 0], 0)
+  hopeless.add(wrong, wrong["acc"])
+  with pytest.raises(DynamicSamplingExhausted, match="kept 0 of 4 groups .*, so even on_exhausted='train_on_kept' "
+                                                     "has nothing to train on") as e:
+    hopeless.add(wrong, wrong["acc"])
+  assert "or set on_exhausted" not in str(e.value)
   off = GroupAccumulator(DynamicSampling(train_batch_size=2, enable=False), group_size=2)
   off.add(b, b["acc"])
   assert off.ready and off.take()[1]["train/kept_group_fraction"] == 1.0

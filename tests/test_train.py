@@ -130,6 +130,16 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
   assert (tmp_path / "metrics.jsonl").read_text().splitlines() == back
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again_with_a_corrected_config(tmp_path, data_dir):
+  with pytest.raises(ValueError, match="must name a tokenizer for real data"):
+    train_and_evaluate(tiny_config(data_dir, **{"data.name": "math", "total_steps": 0}), str(tmp_path))
+  assert (tmp_path / "config.json").is_file() and not (tmp_path / "checkpoints").exists()
+  train_and_evaluate(tiny_config(data_dir, total_steps=0), str(tmp_path))  # not "holds a run of another config"
+  assert (tmp_path / "checkpoints" / "0").is_dir()
+  with pytest.raises(ValueError, match="holds a run of another config"):
+    train_and_evaluate(tiny_config(data_dir, **{"data.name": "math", "total_steps": 0}), str(tmp_path))
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("actor.mini_batch_size", 3, "actor.mini_batch_size: 3 does not divide rollout.train_batch_size=4"),
     ("actor.micro_batch_size", 3, "actor.micro_batch_size: 3 rows do not divide a mini-batch of 8 rows"),
