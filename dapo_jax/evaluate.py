@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def evaluate_rows(model, tokenizer, rows, *, k: int, temperature: float, top_p: 
   summary = summarize(problems, k)
   for j, s in enumerate(summary["problems"]):
     s["sample"] = texts[j * k][-300:]
+    if rows[j].get("prompt_truncated"):
+      s["prompt_truncated"] = True
+  summary["truncated_prompts"] = sum(bool(r.get("prompt_truncated")) for r in rows)
   return summary
 
 
@@ -138,8 +142,19 @@ def eval_rows_for(dataset: str, config, tokenizer):
   split = "test" if "test" in md.SOURCES[dataset][1] else next(iter(md.SOURCES[dataset][1]))
   builder = md.math_builder(dataset, config.data.source_dir, str(Path(os.path.expanduser(config.data.dir)) / "tfds"))
   rows = md.read_builder_split(builder, split)
+  limit = config.data.max_prompt_length
+  longest = 0
   for r in rows:
-    r["prompt_ids"] = tasks.encode_prompt(tokenizer, r["messages"], config.data.max_prompt_length)[0]
+    r["prompt_ids"], r["prompt_truncated"] = tasks.encode_prompt(tokenizer, r["messages"], limit)
+    if r["prompt_truncated"]:
+      longest = max(longest, len(tasks.encode_prompt(tokenizer, r["messages"], 10**9)[0]))
+  cut = sum(r["prompt_truncated"] for r in rows)
+  if cut:
+    # A problem cut short is scored as if it were whole: say so, loudly (a Hugging Face checkpoint evaluated
+    # without --config gets configs/default.py's 64 tokens, made for its arithmetic task).
+    logging.warning("evaluate: %d of %d %s prompts are longer than data.max_prompt_length=%d (the longest has %d "
+                    "tokens) and were left-truncated; pass --config.data.max_prompt_length=%d (and the run's "
+                    "--config) to evaluate them whole", cut, len(rows), dataset, limit, longest, longest)
   return rows
 
 
@@ -150,6 +165,8 @@ def print_table(summary: dict, dataset: str, k: int):
   print("| " + " | ".join(keys) + " |")
   print("|" + "---|" * len(keys))
   print("| " + " | ".join(f"{100 * o[key]:.1f}" for key in keys) + " |")
+  if summary.get("truncated_prompts"):
+    print(f"!! {summary['truncated_prompts']} of these prompts were left-truncated (data.max_prompt_length)")
 
 
 def main(argv):

@@ -1,7 +1,9 @@
 """Hugging Face checkpoints: what we write transformers reads back exactly; bad checkpoints fail loudly."""
 
 import json
+import os
 import shutil
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +162,9 @@ def test_exporting_twice_into_one_directory_leaves_only_the_new_weights(tmp_path
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").float()
     np.testing.assert_allclose(hf_logits(hf, tokens), want, atol=1e-4)
   assert not (tmp_path / "model.safetensors").exists()
+  umask = os.umask(0)
+  os.umask(umask)
+  assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("*.safetensors")} == {0o666 & ~umask}
   assert sorted(p.name for p in tmp_path.glob("model-*")) == [
       f"model-{i:05d}-of-{n:05d}.safetensors" for n in [len(list(tmp_path.glob("model-*")))] for i in range(1, n + 1)]
 

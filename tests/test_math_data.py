@@ -2,6 +2,7 @@
 metrics and command."""
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -200,7 +201,7 @@ def test_training_on_the_copies_still_evaluates_each_problem_once(tmp_path, tiny
 
 
 @needs_shared
-def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_policy):
+def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_policy, caplog):
   import jax
   from configs import default as default_config
   from dapo_jax import evaluate, sharding
@@ -228,6 +229,11 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
   mesh = sharding.make_mesh(dict(c.mesh))
   model, tok = evaluate.load_policy(str(workdir), c, mesh)
   eval_rows = evaluate.eval_rows_for("gsm8k", c, tok)[:3]
+  with caplog.at_level(logging.WARNING):
+    cut = evaluate.eval_rows_for("gsm8k", c, tok)  # this tokenizer's GSM8K prompts: some over 256 tokens
+  n_cut = sum(r["prompt_truncated"] for r in cut)
+  assert 0 < n_cut < len(cut) and all(len(r["prompt_ids"]) <= 256 for r in cut)
+  assert f"{n_cut} of {len(cut)} gsm8k prompts are longer than data.max_prompt_length=256" in caplog.text
   with pytest.raises(ValueError, match="unknown dataset 'aime2024'; known: 'task', .*'aime24'"):
     evaluate.eval_rows_for("aime2024", c, tok)
   with jax.set_mesh(mesh):
@@ -236,6 +242,7 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
   assert len(summary["problems"]) == 3 and set(summary["overall"]) == {"avg@4", "maj@4", "pass@1", "pass@2",
                                                                        "pass@4"}
   assert summary["problems"][0]["answer"] == "18" and summary["problems"][0]["n"] == 4
+  assert summary["truncated_prompts"] == sum(r["prompt_truncated"] for r in eval_rows)
   # Greedy samples do not depend on how the problems are chunked (the last chunk is filled up and cut back).
   with jax.set_mesh(mesh):
     greedy = [evaluate.evaluate_rows(model, tok, eval_rows, k=2, temperature=0.0, top_p=1.0, max_new_tokens=16,

@@ -252,6 +252,12 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def save_hf(model: Transformer, path: str | os.PathLike, *, dtype: str | None = None,
             max_shard_bytes: int = 5 * 2**30) -> Path:
   """Writes `config.json` and safetensors (sharded with an index past `max_shard_bytes`) that
@@ -297,6 +303,8 @@ def save_hf(model: Transformer, path: str | os.PathLike, *, dtype: str | None = 
       total += tensors[lay.hf_name].nbytes
     if writer:
       save_file(tensors, str(path / name), metadata={"format": "pt"})
+      # safetensors writes 0600; an export is for others too (a shared vLLM server), as the umask allows.
+      os.chmod(path / name, 0o666 & ~_umask())
   if writer:
     if len(shards) > 1:
       (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
