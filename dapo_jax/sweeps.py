@@ -131,13 +131,24 @@ def aggregate(sweep_dir: str | Path, key: str = "val/acc/mean", last: int = 1) -
   return table
 
 
+def json_safe(x):
+  """`x` with nan and inf as None: strict JSON (json.dumps writes a bare NaN that other parsers reject)."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: json_safe(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [json_safe(v) for v in x]
+  return x
+
+
 def markdown(table: list[dict], key: str, reference: dict[str, float] | None = None) -> str:
   ref_col = reference is not None
   head = f"| setting | {key} (mean ± std over seeds) | seeds |" + (" paper |" if ref_col else "")
   lines = [head, "|" + "---|" * (3 + ref_col)]
   for row in table:
-    per = ", ".join(f"{v:.3f}" for v in row["values"])
-    cell = f"{row['mean']:.3f} ± {row['std']:.3f} ({per})"
+    per = ", ".join(f"{v:.3f}" if math.isfinite(v) else "-" for v in row["values"])  # "-": nothing logged yet
+    cell = f"{row['mean']:.3f} ± {row['std']:.3f} ({per})" if row["finished"] else f"no finished run ({per})"
     paper = f" {reference.get(row['name'], float('nan')):g} |" if ref_col else ""
     lines.append(f"| {row['name']} | {cell} | {row['finished']}/{row['runs']} |{paper}")
   return "\n".join(lines)

@@ -27,6 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dapo_jax import sweeps  # noqa: E402
 
 
+def _run(cmd) -> int:
+  """Runs one point; on Ctrl-C lets it finish its step and checkpoint before the sweep stops."""
+  proc = subprocess.Popen(cmd, env=dict(os.environ))
+  try:
+    return proc.wait()
+  except KeyboardInterrupt:
+    # A terminal's Ctrl-C reached the run too: it is finishing its step to checkpoint. SIGTERM asks the same of
+    # a run it did not reach (`kill -INT` to the sweep alone), without the second SIGINT that aborts a run.
+    print("[sweep] waiting for the current run to checkpoint and stop (Ctrl-C again to abort it)", flush=True)
+    proc.terminate()
+    try:
+      proc.wait()
+    except KeyboardInterrupt:
+      proc.kill()
+      proc.wait()
+    raise
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", required=True, help="configs/<name>.py[:arg] defining sweep(arg=None)")
@@ -53,18 +71,24 @@ def main(argv=None):
   if not args.aggregate:
     sweeps.write_manifest(points, args.config, sweep_dir, extra)
     chosen = points if args.index is None else [points[args.index]]
-    t0, failed = time.perf_counter(), []
+    t0, failed, ran = time.perf_counter(), [], 0
     for i, p in enumerate(chosen):
       print(f"[sweep] {i + 1}/{len(chosen)} {p.run}: {' '.join(p.flags())}", flush=True)
       t = time.perf_counter()
-      code = subprocess.call(sweeps.command(p, args.config, sweep_dir, extra), env=dict(os.environ))
+      try:
+        code = _run(sweeps.command(p, args.config, sweep_dir, extra))
+      except KeyboardInterrupt:
+        print(f"[sweep] interrupted during {p.run}; run the same command again to continue", flush=True)
+        return 130
+      ran += 1
       print(f"[sweep] {p.run}: exit {code} after {time.perf_counter() - t:.0f}s", flush=True)
       if code:
         failed.append(p.run)
         if not args.keep_going:
           break
     elapsed = time.perf_counter() - t0
-    print(f"[sweep] {len(chosen) - len(failed)} of {len(chosen)} runs ended well in {elapsed / 60:.1f} min")
+    skipped = f", {len(chosen) - ran} not run (a run failed; --keep_going runs the rest)" if ran < len(chosen) else ""
+    print(f"[sweep] {ran - len(failed)} of {len(chosen)} runs ended well in {elapsed / 60:.1f} min{skipped}")
     if args.index is not None:  # one point of a job array: aggregate once all are done (--aggregate)
       return 1 if failed else 0
     (sweep_dir / "timing.json").write_text(json.dumps({"seconds": elapsed, "runs": len(chosen),
@@ -75,7 +99,7 @@ def main(argv=None):
   table = sweeps.aggregate(sweep_dir, args.metric, args.last)
   md = sweeps.markdown(table, args.metric, getattr(module, "REFERENCE", None))
   (sweep_dir / "summary.md").write_text(md + "\n")
-  (sweep_dir / "summary.json").write_text(json.dumps(table, indent=2))
+  (sweep_dir / "summary.json").write_text(json.dumps(sweeps.json_safe(table), indent=2))
   png = sweeps.plot(sweep_dir, args.metric)
   print(md)
   print(f"[sweep] wrote {sweep_dir / 'summary.md'} and {png}")

@@ -21,7 +21,8 @@ def sweep_dir(tmp_path_factory, data_dir):
   out_dir = tmp_path_factory.mktemp("sweep")
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   out = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), f"--config={ABLATION}:smoke",
-                        f"--workdir={out_dir}", "--config.total_steps=1", f"--config.data.dir={data_dir}"],
+                        f"--workdir={out_dir}", "--config.total_steps=1", f"--config.data.dir={data_dir}",
+                        "--config.sft.steps=60", "--config.sft.warmup_steps=10"],  # seconds, for the test
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   return out_dir, out.stdout
@@ -108,6 +109,61 @@ def test_notebook_executes(name, sweep_dir, monkeypatch):
     assert "| dynamic_sampling_dapo |" in text and "| critic/score/mean |" in text and "| step | score |" in text
   else:
     assert "avg@4" in text and "| problem | truth | score |" in text
+
+
+def _sweep_config(tmp_path, points):
+  spec = tmp_path / "my_sweep.py"
+  spec.write_text(textwrap.dedent(f"""
+      from configs import tiny
+      def get_config(arg=None):
+        return tiny.get_config()
+      def sweep(arg=None):
+        return {points!r}
+  """))
+  return str(spec)
+
+
+def test_a_failed_point_stops_the_sweep_and_is_reported_as_such(tmp_path, data_dir):
+  # The first point's config is refused at start-up; without --keep_going the other two never run.
+  spec = _sweep_config(tmp_path, [{"name": "bad", "overlong.buffer": 999}, {"name": "a"}, {"name": "b"}])
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), f"--config={spec}",
+                        f"--workdir={tmp_path / 'sw'}", f"--config.data.dir={data_dir}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 1
+  assert "[sweep] 0 of 3 runs ended well" in out.stdout and "2 not run" in out.stdout
+  table = json.loads((tmp_path / "sw" / "summary.json").read_text(),
+                     parse_constant=lambda c: pytest.fail(f"summary.json holds a bare {c}"))
+  assert [r["mean"] for r in table] == [None] * 3
+  assert "| bad | no finished run (-) | 0/1 |" in (tmp_path / "sw" / "summary.md").read_text()
+
+
+def test_ctrl_c_on_a_sweep_lets_the_current_run_checkpoint(tmp_path, data_dir):
+  """Ctrl-C in a terminal reaches the sweep and its run: the run finishes its step and checkpoints it, the
+  sweep waits for that and stops; the same command continues the sweep."""
+  import signal
+  import time
+  spec = _sweep_config(tmp_path, [{"name": "a"}])
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  run = tmp_path / "sw" / "a"
+  proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "sweep.py"), f"--config={spec}",
+                           f"--workdir={tmp_path / 'sw'}", f"--config.data.dir={data_dir}", "--config.total_steps=200",
+                           "--config.eval.every=0", "--config.eval.before_train=False", "--config.sft.steps=20",
+                           "--config.sft.warmup_steps=5", "--config.dynamic_sampling.enable=False"],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  deadline = time.time() + 300
+  while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None \
+        else "no step logged in time"
+    time.sleep(0.5)
+  os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground process group
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 130, out[-3000:]
+  assert "interrupted during a;" in out
+  steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+  saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+  assert 0 < steps[-1] < 200 and saved[-1] == steps[-1]
 
 
 def test_aggregate_counts_only_runs_that_reached_their_last_step(tmp_path):
