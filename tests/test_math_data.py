@@ -112,7 +112,8 @@ def test_dapo_files_side_by_side_as_verl_downloads_them(tmp_path):
   shutil.copy(SHARED / "dapo" / "aime-2024.parquet", tmp_path / "aime-2024.parquet")
   rows = md.read_builder_split(md.math_builder("dapo_aime24", str(tmp_path), str(tmp_path / "tfds")), "test")
   assert len(rows) == 30
-  with pytest.raises(md.DataError, match=r"dapo/dapo-math-17k.parquet or .*/dapo-math-17k.parquet: missing"):
+  with pytest.raises(md.DataError, match=r"dapo/dapo-math-17k.parquet or .*/dapo-math-17k.parquet: missing .*"
+                                         r"or pick a data set found there .*: dapo_aime24$"):
     md.read_source("dapo_math17k", "train", tmp_path)
 
 

@@ -48,8 +48,11 @@ def source_path(name: str, split: str, source_dir: str | os.PathLike) -> Path:
   for path in candidates:
     if path.is_file():
       return path
+  present = sorted(n for n, (_, splits, *_) in SOURCES.items() if any(
+      (Path(source_dir) / r).is_file() for rel in splits.values() for r in ((rel,) if isinstance(rel, str) else rel)))
   raise DataError(f"{' or '.join(map(str, candidates))}: missing (dataset {name!r}, split {split!r}); set "
-                  f"--config.data.source_dir")
+                  f"--config.data.source_dir to the directory that holds it, or pick a data set found there "
+                  f"(--config.data.train / --config.data.eval): {', '.join(present) or 'none'}")
 
 
 def gsm8k_answer(solution: str) -> str:
