@@ -43,3 +43,15 @@ def checkpoint_config():
   if run_config.is_file() and not F["config"].present:
     return ml_collections.ConfigDict(json.loads(run_config.read_text())), run_config
   return F.config, None
+
+
+def start_checkpoint_program():
+  """Start-up of a program that reads a trained policy: (config, mesh, log), after `start`; `log` prints on
+  process 0 only."""
+  config, run_config = checkpoint_config()
+  start(config)
+  from dapo_jax import distributed, sharding
+  log = print if distributed.is_main() else (lambda *_: None)
+  if run_config:
+    log(f"config: {run_config}")
+  return config, sharding.make_mesh(dict(config.mesh)), log

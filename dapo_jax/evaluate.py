@@ -173,14 +173,9 @@ def main(argv):
   from absl import flags
   from dapo_jax import cli
   F = flags.FLAGS
-  config, run_config = cli.checkpoint_config()
-  cli.start(config)
+  config, mesh, _ = cli.start_checkpoint_program()
   import jax
-  from dapo_jax import distributed, sharding
-  log = print if distributed.is_main() else (lambda *_: None)
-  if run_config:
-    log(f"config: {run_config}")
-  mesh = sharding.make_mesh(dict(config.mesh))
+  from dapo_jax import distributed
   # Built outside `jax.set_mesh`: abstract models carry logical axis names, which are not mesh axes.
   model, tokenizer = load_policy(F.checkpoint, config, mesh)
   rows = eval_rows_for(F.dataset, config, tokenizer)

@@ -45,18 +45,13 @@ def main(argv):
   from absl import flags
   from dapo_jax import cli
   F = flags.FLAGS
-  config, run_config = cli.checkpoint_config()
-  cli.start(config)
-  from dapo_jax import distributed, sharding
-  from dapo_jax.evaluate import load_policy
-  from dapo_jax.model import save_hf
-  log = print if distributed.is_main() else (lambda *_: None)
-  if run_config:
-    log(f"config: {run_config}")
   out = Path(F.out).expanduser()
   if out.resolve() == Path(F.checkpoint).expanduser().resolve():
     raise SystemExit(f"export: --out {out} is the checkpoint being read; choose another directory")
-  mesh = sharding.make_mesh(dict(config.mesh))
+  config, mesh, log = cli.start_checkpoint_program()
+  from dapo_jax import distributed
+  from dapo_jax.evaluate import load_policy
+  from dapo_jax.model import save_hf
   model, tokenizer = load_policy(F.checkpoint, config, mesh, step=F.step)
   save_hf(model, out, dtype=F.dtype or None)
   if distributed.is_main():
