@@ -25,7 +25,8 @@ def write_tokenizer(tokenizer, out: Path) -> list[str]:
   `generation_config.json` with its stop ids. Returns the names written."""
   out.mkdir(parents=True, exist_ok=True)
   name = "tokenizer.model" if tokenizer.file.suffix == ".model" else "tokenizer.json"
-  shutil.copyfile(tokenizer.file, out / name)
+  if tokenizer.file.resolve() != (out / name).resolve():
+    shutil.copyfile(tokenizer.file, out / name)
   written = [name]
   for f in TOKENIZER_FILES:
     if (tokenizer.source / f).is_file() and (tokenizer.source / f).resolve() != (out / f).resolve():
@@ -33,7 +34,8 @@ def write_tokenizer(tokenizer, out: Path) -> list[str]:
       written.append(f)
   gen_file = tokenizer.source / "generation_config.json"
   gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
-  gen["eos_token_id"] = list(tokenizer.stop_ids) if len(tokenizer.stop_ids) > 1 else tokenizer.stop_ids[0]
+  if tokenizer.stop_ids:  # as transformers writes it: one id, or a list of them
+    gen["eos_token_id"] = list(tokenizer.stop_ids) if len(tokenizer.stop_ids) > 1 else tokenizer.stop_ids[0]
   gen.setdefault("pad_token_id", tokenizer.pad_id)
   if tokenizer.bos_id is not None:
     gen.setdefault("bos_token_id", tokenizer.bos_id)
