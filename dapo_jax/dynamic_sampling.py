@@ -5,7 +5,8 @@ differ is still dropped, as in the reference. Groups are kept whole and in order
 
 Where the reference is weak we give choices: when `max_num_gen_batches` generation batches have not filled
 the batch, `on_exhausted="raise"` stops (the reference) or `"train_on_kept"` trains on what was kept, with a
-warning (and stops too when nothing was kept: no group had an advantage to learn from); `carry_over=True` keeps surplus groups for the next step instead of discarding them.
+warning (and stops too when nothing was kept: no group had an advantage to learn from); `carry_over=True`
+keeps surplus groups for the next step instead of discarding them.
 """
 
 from __future__ import annotations
