@@ -90,5 +90,8 @@ def get_config(arg=None):
       {"every": 20, "num_problems": 100, "k": 4, "temperature": 1.0, "top_p": 1.0, "before_train": True,
        "chunk_size": 0})  # chunk_size: problems (x k) per sampler call, 0 = all; bounds the KV cache
   c.checkpoint = ml_collections.ConfigDict({"every": 20, "keep": 3, "asynchronous": True})
-  c.log = ml_collections.ConfigDict({"progress": True, "samples_per_step": 2})
+  # wandb: also log to Weights & Biases (pip install wandb; wandb_mode "offline" needs no network and no account;
+  # "" leaves it to WANDB_MODE / wandb's login), beside metrics.jsonl and TensorBoard.
+  c.log = ml_collections.ConfigDict({"progress": True, "samples_per_step": 2, "wandb": False,
+                                     "wandb_project": "dapo_jax", "wandb_mode": ""})
   return c

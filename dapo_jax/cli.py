@@ -13,6 +13,14 @@ def define_distributed_flags() -> None:
   flags.DEFINE_integer("process_id", -1, "This process's index in [0, num_processes).")
 
 
+def quiet_unless_verbose() -> None:
+  """INFO lines (absl's, dataset preparation's, orbax's, jax's) only with --verbosity=1 or more; warnings
+  always. Call after flag parsing."""
+  from absl import logging
+  if flags.FLAGS.verbosity < 1:
+    logging.set_verbosity(logging.WARNING)
+
+
 def start(config) -> None:
   """Splits the host CPU into devices as the config asks and joins the other processes, if any. Call after
   flag parsing and before anything touches a JAX backend."""
@@ -49,6 +57,7 @@ def start_checkpoint_program():
   """Start-up of a program that reads a trained policy: (config, mesh, log), after `start`; `log` prints on
   process 0 only."""
   config, run_config = checkpoint_config()
+  quiet_unless_verbose()
   start(config)
   from dapo_jax import distributed, sharding
   log = print if distributed.is_main() else (lambda *_: None)

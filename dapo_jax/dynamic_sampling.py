@@ -5,17 +5,20 @@ differ is still dropped, as in the reference. Groups are kept whole and in order
 
 Where the reference is weak we give choices: when `max_num_gen_batches` generation batches have not filled
 the batch, `on_exhausted="raise"` stops (the reference) or `"train_on_kept"` trains on what was kept, with a
-warning (and stops too when nothing was kept: no group had an advantage to learn from); `carry_over=True`
-keeps surplus groups for the next step instead of discarding them.
+warning, padded to the update's shapes (`pad_rows`), and stops too when nothing was kept: no group had an
+advantage to learn from; `carry_over=True` keeps surplus groups for the next step instead of discarding them,
+with the behaviour log-probs of the weights that sampled them (`GroupAccumulator.compute_carried_logprobs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
+
+from dapo_jax.rollout import ScoredBatch
 
 ON_EXHAUSTED = ("raise", "train_on_kept")
 METRICS = ("acc", "score", "seq_reward")
@@ -35,8 +38,10 @@ def keep_groups(metric_B, group_size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DynamicSampling:
-  """train_batch_size counts prompt groups. enable=False keeps every group (and one generation batch)."""
+  """train_batch_size and gen_batch_size count prompt groups (gen_batch_size 0: the training batch's).
+  enable=False keeps every group, and a generation batch is then the training batch."""
   train_batch_size: int
+  gen_batch_size: int = 0
   enable: bool = True
   metric: str = "acc"
   max_num_gen_batches: int = 10  # 0: no limit
@@ -44,37 +49,27 @@ class DynamicSampling:
   carry_over: bool = False
 
   def __post_init__(self):
-    if self.train_batch_size <= 0:
-      raise ValueError(f"dynamic_sampling.train_batch_size must be positive, got {self.train_batch_size}")
+    if not isinstance(self.train_batch_size, int) or self.train_batch_size <= 0:
+      raise ValueError(f"rollout.train_batch_size: must be a positive integer, got {self.train_batch_size!r}")
+    if not isinstance(self.gen_batch_size, int) or self.gen_batch_size < 0:
+      raise ValueError(f"rollout.gen_batch_size: must be a positive integer, got {self.gen_batch_size!r}")
     if self.metric not in METRICS:
-      raise ValueError(f"dynamic_sampling.metric must be one of {METRICS}, got {self.metric!r}")
+      raise ValueError(f"dynamic_sampling.metric: must be one of {METRICS}, got {self.metric!r}")
     if self.on_exhausted not in ON_EXHAUSTED:
-      raise ValueError(f"dynamic_sampling.on_exhausted must be one of {ON_EXHAUSTED}, got {self.on_exhausted!r}")
-    if self.max_num_gen_batches < 0:
-      raise ValueError(f"dynamic_sampling.max_num_gen_batches must be >= 0, got {self.max_num_gen_batches}")
+      raise ValueError(f"dynamic_sampling.on_exhausted: must be one of {ON_EXHAUSTED}, got {self.on_exhausted!r}")
+    if not isinstance(self.max_num_gen_batches, int) or self.max_num_gen_batches < 0:
+      raise ValueError(f"dynamic_sampling.max_num_gen_batches: must be an integer >= 0 (0: no limit), got "
+                       f"{self.max_num_gen_batches!r}")
 
+  @property
+  def gen_batch_prompts(self) -> int:
+    """Prompts per generation batch. With the filter off every group is kept, so a generation batch is the
+    training batch (as the reference): sampling gen_batch_size prompts would throw the rest away."""
+    return (self.gen_batch_size or self.train_batch_size) if self.enable else self.train_batch_size
 
-def _slice_rows(batch: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
-  return {k: np.asarray(v)[rows] for k, v in batch.items()}
-
-
-def concat_rows(batches: list[dict[str, Any]], left_padded: tuple[str, ...] = ()) -> dict[str, Any]:
-  """Concatenates row batches whose 2-D arrays may differ in width: keys in `left_padded` are padded on the
-  left (prompts), others on the right (responses), with zeros."""
-  out = {}
-  for key in batches[0]:
-    arrays = [np.asarray(b[key]) for b in batches]
-    if arrays[0].ndim >= 2:
-      width = max(a.shape[1] for a in arrays)
-      pad = [(0, 0)] * arrays[0].ndim
-      padded = []
-      for a in arrays:
-        p = list(pad)
-        p[1] = (width - a.shape[1], 0) if key in left_padded else (0, width - a.shape[1])
-        padded.append(np.pad(a, p))
-      arrays = padded
-    out[key] = np.concatenate(arrays, axis=0)
-  return out
+  def metric_B(self, batch: ScoredBatch) -> np.ndarray:
+    """The per-row value whose agreement within a group drops it: acc, score, or score + overlong penalty."""
+    return {"acc": batch.acc_B, "score": batch.score_B, "seq_reward": batch.reward_B}[self.metric]
 
 
 class GroupAccumulator:
@@ -82,19 +77,21 @@ class GroupAccumulator:
 
       acc = GroupAccumulator(strategy, group_size)
       while not acc.ready:
-        acc.add(rollout_batch, metric_B)   # raises DynamicSamplingExhausted per the strategy
-      batch, metrics = acc.take()
+        acc.add(scored_batch)       # raises DynamicSamplingExhausted per the strategy
+      batch, metrics = acc.take()   # a ScoredBatch of at most train_batch_size groups
   """
 
-  def __init__(self, strategy: DynamicSampling, group_size: int, left_padded: tuple[str, ...] = ()):
-    self.s, self.g, self.left_padded = strategy, group_size, left_padded
-    self.carry: list[dict[str, Any]] = []
+  def __init__(self, strategy: DynamicSampling, group_size: int):
+    if group_size <= 0:
+      raise ValueError(f"rollout.group_size must be positive, got {group_size}")
+    self.s, self.g = strategy, group_size
+    self.carry: ScoredBatch | None = None
     self._reset()
 
   def _reset(self):
-    self.parts = list(self.carry) if self.s.carry_over else []
-    self.carried_in = sum(len(next(iter(p.values()))) for p in self.parts) // self.g
-    self.carry = []
+    self.parts: list[ScoredBatch] = [self.carry] if self.s.carry_over and self.carry is not None else []
+    self.carried_in = self.parts[0].num_rows // self.g if self.parts else 0
+    self.carry = None
     self.num_gen_batches = 0
     self.sampled_groups = 0
     self.kept_groups = self.carried_in
@@ -104,17 +101,17 @@ class GroupAccumulator:
   def ready(self) -> bool:
     return self.kept_groups >= self.s.train_batch_size or self.exhausted
 
-  def add(self, batch: dict[str, Any], metric_B) -> int:
+  def add(self, batch: ScoredBatch) -> int:
     """Adds one generation batch (rows prompt-major, G per group); returns how many groups it kept."""
-    n_rows = len(np.asarray(metric_B))
+    n_rows = batch.num_rows
     if n_rows % self.g:
       raise ValueError(f"dynamic sampling: {n_rows} rows are not whole groups of {self.g}")
     self.num_gen_batches += 1
     self.sampled_groups += n_rows // self.g
-    keep_G = keep_groups(metric_B, self.g) if self.s.enable else np.ones(n_rows // self.g, bool)
+    keep_G = keep_groups(self.s.metric_B(batch), self.g) if self.s.enable else np.ones(n_rows // self.g, bool)
     rows = np.flatnonzero(np.repeat(keep_G, self.g))
     if rows.size:
-      self.parts.append(_slice_rows(batch, rows))
+      self.parts.append(batch.rows(rows))
     self.kept_groups += int(keep_G.sum())
     limit = self.s.max_num_gen_batches
     if not self.ready and limit and self.num_gen_batches >= limit:
@@ -130,16 +127,15 @@ class GroupAccumulator:
       self.exhausted = True
     return int(keep_G.sum())
 
-  def take(self) -> tuple[dict[str, Any], dict[str, float]]:
+  def take(self) -> tuple[ScoredBatch, dict[str, float]]:
     if not self.ready:
       raise RuntimeError("GroupAccumulator.take() before the batch is full")
-    batch = concat_rows(self.parts, self.left_padded)
+    batch = ScoredBatch.concat(self.parts)
     n_train = min(self.kept_groups, self.s.train_batch_size) * self.g
-    surplus = {k: v[n_train:] for k, v in batch.items()}
-    batch = {k: v[:n_train] for k, v in batch.items()}
     surplus_groups = self.kept_groups - n_train // self.g
     if self.s.carry_over and surplus_groups:
-      self.carry = [surplus]
+      self.carry = batch.rows(slice(n_train, None))
+    batch = batch.rows(slice(0, n_train))
     metrics = {
         "train/num_gen_batches": float(self.num_gen_batches),
         # nan for a step that sampled nothing (all its groups carried in): no fraction was observed.
@@ -155,26 +151,59 @@ class GroupAccumulator:
     return batch, metrics
 
   @property
-  def carried(self) -> dict[str, Any] | None:
+  def carried(self) -> ScoredBatch | None:
     """The rows carried into the step being collected (set by `take`), or None."""
     return self.parts[0] if self.carried_in else None
 
-  def set_carry_fields(self, fields: dict[str, np.ndarray]):
-    """Replaces per-row fields of the carried rows, between `take` and the next `add`: for one, their
-    log-probs under the weights that sampled them, which the next step's update no longer has."""
-    if not self.carried_in or self.num_gen_batches:
-      raise RuntimeError("set_carry_fields: only between take() and add(), with groups carried over")
-    part = self.parts[0]
-    n = len(next(iter(part.values())))
-    for key, value in fields.items():
-      if key not in part or len(value) != n:
-        raise ValueError(f"set_carry_fields: {key!r} must be an existing field of {n} rows")
-    self.parts[0] = dict(part, **fields)
+  def compute_carried_logprobs(self, logprobs_fn: Callable[[ScoredBatch], np.ndarray], rows: int):
+    """Gives the groups carried into the next step their behaviour log-probs, `logprobs_fn(batch)` [b, N] for
+    at most `rows` rows at a time, called between `take` and the next `add` with the weights that sampled
+    them: the next step's update has newer weights, and recomputing there would centre the clip on them
+    (ratio 1 at the start) instead of on the policy the samples came from. Rows carried before (a surplus of
+    more than a batch is carried again) keep the log-probs they have."""
+    part = self.carried
+    if part is None or part.old_logp_known_B.all():
+      return
+    if self.num_gen_batches:
+      raise RuntimeError("compute_carried_logprobs: only between take() and add()")
+    todo = np.flatnonzero(~part.old_logp_known_B)
+    old_BxN = np.array(part.old_logp_BxN, np.float32)
+    for start in range(0, len(todo), rows):
+      idx = todo[start:start + rows]
+      old_BxN[idx] = np.asarray(logprobs_fn(part.rows(idx)))[:len(idx)] * part.mask_BxN[idx]
+    self.parts[0] = part.replace(old_logp_BxN=old_BxN, old_logp_known_B=np.ones(part.num_rows, bool))
 
   def state(self) -> dict[str, Any]:
     """What a checkpoint taken between steps needs to continue: the groups carried into the next step."""
-    return {"carry": list(self.parts)}
+    return {"carry": [p.to_record() for p in self.parts]}
 
   def restore(self, state: dict[str, Any]):
-    self.carry = list(state.get("carry", []))
+    """From `state()`; a record written before some fields existed reads too (`ScoredBatch.from_record`)."""
+    parts = [ScoredBatch.from_record(p) for p in state.get("carry", [])]
+    self.carry = ScoredBatch.concat(parts) if parts else None
     self._reset()
+
+
+def pad_rows(batch: NamedTuple, rows: int, zero: tuple[str, ...] = ("mask_BxN", "adv_B")) -> NamedTuple:
+  """`batch` (a NamedTuple of row arrays, None fields allowed) grown to `rows` rows by repeating its rows,
+  with the fields in `zero` (the loss mask and advantages) zeroed in the repeats.
+
+  A short batch (`on_exhausted="train_on_kept"`) keeps the update's shapes this way, so it needs no new
+  compilation and its micro-batches keep their size: the padding adds to no loss, gradient or sequence count,
+  and a mini-batch of padding alone is no update (see `train_step.Trainer.update`). So K kept rows train as
+  ceil(K / mini-batch rows) mini-batches, the last one short."""
+  have = next(np.asarray(x).shape[0] for x in batch if x is not None)
+  if have == rows:
+    return batch
+  if not 0 < have < rows:
+    raise ValueError(f"pad_rows: cannot pad a batch of {have} rows to {rows}")
+  take = np.arange(rows - have) % have
+
+  def grow(name, x):
+    if x is None:
+      return None
+    x = np.asarray(x)
+    extra = np.zeros_like(x[take]) if name in zero else x[take]
+    return np.concatenate([x, extra])
+
+  return type(batch)(*(grow(name, x) for name, x in zip(batch._fields, batch)))

@@ -71,6 +71,13 @@ def count_sequences(mask_BxT):
   return jnp.sum(jnp.any(mask_BxT > 0, axis=-1).astype(jnp.float32))
 
 
+def low_var_kl(logp_BxT, ref_logp_BxT):
+  """The reference's "low_var_kl" (k3) estimate of KL(pi || ref) per token: r - log r - 1 with
+  r = pi_ref / pi, the log-ratio clamped to [-20, 20] and the result to [-10, 10], as verl's kl_penalty."""
+  d = jnp.clip(ref_logp_BxT - logp_BxT, -20.0, 20.0)
+  return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
+
+
 def entropy_from_logits(logits_BxTxV):
   logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
@@ -87,8 +94,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
 
   Metrics are token means over the same token total as the loss (so they too add up across micro-batches):
   `pg_clipfrac_high` / `pg_clipfrac_low` (the clip binds above 1 + clip_high for A > 0, below 1 - clip_low
-  for A < 0), `pg_clipfrac` (their sum, the reference's), `pg_clipfrac_dual` (the dual clip binds) and the
-  same under the reference's name `pg_clipfrac_lower`, `ppo_kl` (mean of old_logp - logp) and `entropy` when logits are given.
+  for A < 0), `pg_clipfrac` (their sum, the reference's), `pg_clipfrac_lower` (the reference's name for the
+  fraction where the dual clip binds), `ppo_kl` (mean of old_logp - logp) and `entropy` when logits are
+  given.
   """
   if agg not in AGG_MODES:
     raise ValueError(f"loss aggregation {agg!r} is not one of {AGG_MODES}")
@@ -106,8 +114,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
     return jnp.sum(x.astype(jnp.float32) * m) / denom
 
   metrics = {"pg_loss": loss, "pg_clipfrac_high": token_mean(high), "pg_clipfrac_low": token_mean(low),
-             "pg_clipfrac": token_mean(high | low), "pg_clipfrac_dual": token_mean(dual),
-             "pg_clipfrac_lower": token_mean(dual),  # verl's name for the dual-clip fraction
+             "pg_clipfrac": token_mean(high | low), "pg_clipfrac_lower": token_mean(dual),
              "ppo_kl": token_mean(old_logp - logp)}
   if logits is not None:
     entropy_BxT = entropy_from_logits(logits)

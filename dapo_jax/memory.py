@@ -1,7 +1,8 @@
 """A per-device memory estimate for a config, printed at start-up; a config that cannot fit is refused
 before anything is compiled.
 
-Counts: parameters, AdamW moments and the float32 gradient accumulator (sharded over fsdp x tensor); the
+Counts: parameters, AdamW moments and the float32 gradient accumulator (sharded over fsdp x tensor), and with
+a KL term the frozen reference policy's parameters; the
 update step's activations for one micro-batch (no rematerialisation: what a layer's backward needs, the
 materialised attention scores, the logits); the sampler's KV cache for one generation batch. Training and
 sampling do not overlap, so the peak is the state plus the larger of the two.
@@ -27,17 +28,19 @@ class MemoryEstimate:
   activations: float
   kv_cache: float
   device_gib: float
+  reference: float = 0.0  # the KL term's frozen reference policy
 
   @property
   def peak(self) -> float:
-    return self.params + self.optimizer + self.gradients + max(self.activations, self.kv_cache)
+    return self.params + self.reference + self.optimizer + self.gradients + max(self.activations, self.kv_cache)
 
   @property
   def fits(self) -> bool:
     return self.peak <= 0.9 * self.device_gib * GIB
 
   def table(self) -> str:
-    rows = [("parameters", self.params), ("optimizer (AdamW moments)", self.optimizer),
+    rows = [("parameters", self.params)] + ([("reference policy (KL term)", self.reference)] if self.reference else [])
+    rows += [("optimizer (AdamW moments)", self.optimizer),
             ("gradients (float32)", self.gradients), ("activations (one micro-batch)", self.activations),
             ("KV cache (one sampler call)", self.kv_cache), ("peak", self.peak)]
     out = [f"{name:34s} {value / GIB:9.2f} GiB" for name, value in rows]
@@ -46,7 +49,7 @@ class MemoryEstimate:
 
 
 def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_rows: int, prompt_len: int,
-             response_len: int, device_gib: float, group_size: int = 1) -> MemoryEstimate:
+             response_len: int, device_gib: float, group_size: int = 1, reference: bool = False) -> MemoryEstimate:
   data = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
   tensor = mesh_shape.get("tensor", 1)
   shards = mesh_shape.get("fsdp", 1) * tensor
@@ -73,7 +76,8 @@ def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_r
   # The sampler keeps a prompt's keys and values once for its `group_size` rows, generated ones per row.
   slots = prompt_len / group_size + response_len
   kv_cache = max(gen_rows / data, 1) * 2 * l * kv_heads * cfg.head_dim * slots * cbytes
-  return MemoryEstimate(params, optimizer, gradients, activations, kv_cache, device_gib)
+  return MemoryEstimate(params, optimizer, gradients, activations, kv_cache, device_gib,
+                        reference=params if reference else 0.0)
 
 
 def device_memory_gib(device=None) -> float | None:
@@ -112,4 +116,4 @@ def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict,
                   gen_rows=gen_rows, prompt_len=config.data.max_prompt_length,
                   response_len=r.max_response_length,
                   device_gib=config.hardware.device_memory_gib if device_gib is None else device_gib,
-                  group_size=r.group_size)
+                  group_size=r.group_size, reference=config.actor.kl_coef > 0)

@@ -9,25 +9,53 @@ import time
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
+
+
+def summary(name: str, x) -> dict[str, float]:
+  """`name/mean`, `name/max` and `name/min` of a per-sequence value."""
+  x = np.asarray(x, np.float64)
+  return {f"{name}/mean": float(x.mean()), f"{name}/max": float(x.max()), f"{name}/min": float(x.min())}
+
+
+def token_summary(name: str, x_B, mask_BxN) -> dict[str, float]:
+  """Mean, max and min of a per-sequence value over the response tokens (each row weighted by its length,
+  rows without a token left out), as the reference logs advantages."""
+  counts_B = np.asarray(mask_BxN).astype(bool).sum(axis=1)
+  x_B = np.asarray(x_B, np.float64)
+  present = counts_B > 0
+  if not present.any():
+    return {f"{name}/mean": 0.0, f"{name}/max": 0.0, f"{name}/min": 0.0}
+  return {f"{name}/mean": float((x_B * counts_B).sum() / counts_B.sum()), f"{name}/max": float(x_B[present].max()),
+          f"{name}/min": float(x_B[present].min())}
+
 
 class MetricWriter:
-  """Writes `metrics.jsonl` and TensorBoard events in the workdir (process 0 only).
+  """Writes `metrics.jsonl` and TensorBoard events in the workdir, and with `wandb` (a dict of wandb.init
+  arguments) a Weights & Biases run; process 0 only.
 
   `resume_from`: the checkpoint step a resumed run continues from. What the run logged after it (steps it will
-  log again) is dropped: from `metrics.jsonl` and `samples.jsonl`, and hidden in TensorBoard (purge_step)."""
+  log again) is dropped: from `metrics.jsonl` and `samples.jsonl`, and hidden in TensorBoard (purge_step). A
+  resumed run continues the same Weights & Biases run (its id is kept in the workdir's `wandb_run_id`)."""
 
-  def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_from: int | None = None):
+  def __init__(self, workdir: str | Path, *, enabled: bool = True, resume_from: int | None = None,
+               wandb: dict | None = None):
     self.enabled = enabled
     self.path = Path(workdir) / "metrics.jsonl"
-    self._tb = None
+    self._tb = self._wandb = None
     if enabled:
+      import logging
       from tensorboardX import SummaryWriter
+      # TensorBoard renames tags with '@' (val/pass@4 -> val/pass_4) and says so at INFO, once per tag and write.
+      logging.getLogger("tensorboardX.summary").setLevel(logging.WARNING)
       purge = None
       if resume_from is not None:
         # Step 0's row is the pre-training evaluation, which a run resumed at step 0 repeats.
         trim_logs(workdir, resume_from if resume_from > 0 else -1)
         purge = resume_from + 1 if resume_from > 0 else 0
       self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
+      if wandb is not None:
+        self._wandb = _start_wandb(Path(workdir), wandb)
 
   def write(self, step: int, metrics: Mapping[str, float]):
     if not self.enabled:
@@ -39,10 +67,30 @@ class MetricWriter:
       if k != "step" and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
     self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def _start_wandb(workdir: Path, settings: dict):
+  """A Weights & Biases run for the workdir: the same run (id) when the workdir is resumed."""
+  import uuid
+  try:
+    import wandb
+  except ImportError:
+    raise ImportError("log.wandb=True needs the wandb package: pip install wandb (or set log.wandb=False)") from None
+  id_file = workdir / "wandb_run_id"
+  run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+  id_file.write_text(run_id)
+  settings = dict(settings)
+  mode = settings.pop("mode", "") or None
+  return wandb.init(dir=str(workdir), id=run_id, resume="allow", name=settings.pop("name", workdir.name),
+                    mode=mode, **settings)
 
 
 def trim_logs(workdir: str | Path, through_step: int):
@@ -75,6 +123,19 @@ def read_samples(workdir: str | Path) -> list[dict]:
   length."""
   path = Path(workdir) / "samples.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def sample_records(step: int, batch, n: int) -> list[dict]:
+  """The first `n` responses of a `rollout.ScoredBatch` as `samples.jsonl` holds them."""
+  return [{"step": step, "response": str(batch.text_B[i]), "truth": str(batch.truth_B[i]),
+           "acc": bool(batch.acc_B[i]), "score": float(batch.score_B[i]), "length": int(batch.lengths_B[i])}
+          for i in range(min(n, batch.num_rows))]
+
+
+def metrics_markdown(row: Mapping[str, float]) -> str:
+  """A Markdown table of one `metrics.jsonl` row, by metric name."""
+  return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(row.items())
+                                                       if k != "step")
 
 
 def samples_markdown(samples: list[dict], *, step: int | None = None, limit: int = 10, width: int = 120) -> str:

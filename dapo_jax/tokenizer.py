@@ -12,6 +12,7 @@ import abc
 import datetime
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -243,3 +244,31 @@ def load_tokenizer(path: str | os.PathLike, *, extra_stop_tokens: Sequence[str] 
     template = named.get("default")
   cls = SentencePieceTokenizer if file.suffix == ".model" else HFTokenizer
   return cls(file, config=config, source=directory, chat_template=template, extra_stop_tokens=extra_stop_tokens)
+
+
+# Besides the tokenizer file itself, the files a Hugging Face tokenizer directory may hold.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                   "merges.txt", "chat_template.jinja")
+
+
+def write_tokenizer(tokenizer, out: Path) -> list[str]:
+  """Copies `tokenizer`'s files into `out` under the names Hugging Face loaders look for, and writes
+  `generation_config.json` with its stop ids. Returns the names written."""
+  out.mkdir(parents=True, exist_ok=True)
+  name = "tokenizer.model" if tokenizer.file.suffix == ".model" else "tokenizer.json"
+  if tokenizer.file.resolve() != (out / name).resolve():
+    shutil.copyfile(tokenizer.file, out / name)
+  written = [name]
+  for f in TOKENIZER_FILES:
+    if (tokenizer.source / f).is_file() and (tokenizer.source / f).resolve() != (out / f).resolve():
+      shutil.copyfile(tokenizer.source / f, out / f)
+      written.append(f)
+  gen_file = tokenizer.source / "generation_config.json"
+  gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+  if tokenizer.stop_ids:  # as transformers writes it: one id, or a list of them
+    gen["eos_token_id"] = list(tokenizer.stop_ids) if len(tokenizer.stop_ids) > 1 else tokenizer.stop_ids[0]
+  gen.setdefault("pad_token_id", tokenizer.pad_id)
+  if tokenizer.bos_id is not None:
+    gen.setdefault("bos_token_id", tokenizer.bos_id)
+  (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+  return written + ["generation_config.json"]

@@ -9,7 +9,9 @@ mini-batch gradient however it is split, and on however many devices (`loss.py`)
 Optimizer as the reference: AdamW (betas 0.9/0.999, eps 1e-8, weight decay on every parameter), learning
 rate `lr * t / warmup` (then `lr`) for rollout step t = 0, 1, ... (so the first step trains with lr 0, as
 verl's constant-with-warmup schedule), global-norm clipping, and an update whose gradient norm is not finite
-is skipped and counted. No KL term unless `kl_coef > 0` (then a frozen reference model's log-probs are needed).
+is skipped and counted. No KL term unless `kl_coef > 0`: then the batch carries the log-probs of a frozen
+reference policy (`ref_logp_BxN`, from `Trainer.logprobs` on `Trainer.copy_params` of the starting weights)
+and the loss adds `kl_coef` times their low-variance KL (`loss.low_var_kl`), as the reference's KL loss.
 """
 
 from __future__ import annotations
@@ -50,19 +52,27 @@ class UpdateConfig:
   entropy_coef: float = 0.0
 
   def __post_init__(self):
+    # Each message starts with the field's name (config_lib names the config field it came from).
     if self.loss_agg not in loss_lib.AGG_MODES:
-      raise ValueError(f"update.loss_agg={self.loss_agg!r} is not one of {loss_lib.AGG_MODES}")
+      raise ValueError(f"loss_agg: {self.loss_agg!r} is not one of {loss_lib.AGG_MODES}")
     if not 0.0 <= self.clip_low < 1.0:
-      raise ValueError(f"update.clip_low={self.clip_low} must be in [0, 1)")
-    if self.clip_high < 0.0:
-      raise ValueError(f"update.clip_high={self.clip_high} must be >= 0")
-    if self.clip_c <= 1.0:
-      raise ValueError(f"update.clip_c={self.clip_c} must be > 1")
+      raise ValueError(f"clip_low: must be in [0, 1), got {self.clip_low}")
+    if not self.clip_high >= 0.0:
+      raise ValueError(f"clip_high: must be >= 0, got {self.clip_high}")
+    if not self.clip_c > 1.0:
+      raise ValueError(f"clip_c: the dual-clip constant must be > 1, got {self.clip_c}")
     for name in ("num_mini_batches", "num_micro_batches"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"update.{name} must be positive, got {getattr(self, name)}")
-    if self.lr < 0 or self.warmup_steps < 0 or self.grad_clip <= 0 or self.temperature <= 0:
-      raise ValueError(f"update: need lr >= 0, warmup_steps >= 0, grad_clip > 0, temperature > 0; got {self}")
+        raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+    for name in ("lr", "weight_decay", "kl_coef"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+    if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+      raise ValueError(f"warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
+    if not self.grad_clip > 0:
+      raise ValueError(f"grad_clip: must be > 0 (the global-norm bound), got {self.grad_clip}")
+    if not self.temperature > 0:
+      raise ValueError(f"temperature: must be > 0, got {self.temperature}")
 
 
 class Batch(NamedTuple):
@@ -75,32 +85,6 @@ class Batch(NamedTuple):
   old_logp_BxN: Any
   adv_B: Any
   ref_logp_BxN: Any = None
-
-
-def pad_rows(batch: Batch, rows: int) -> Batch:
-  """`batch` grown to `rows` rows by repeating its rows with no loss token and zero advantage.
-
-  A short batch (dynamic sampling's `on_exhausted="train_on_kept"`) keeps the update's shapes this way, so
-  it needs no new compilation and its micro-batches keep their size: the padding adds to no loss, gradient
-  or sequence count, and a mini-batch of padding alone is no update (see `Trainer.update`). So K kept rows
-  train as ceil(K / mini-batch rows) mini-batches, the last one short."""
-  have = np.asarray(batch.adv_B).shape[0]
-  if have == rows:
-    return batch
-  if not 0 < have < rows:
-    raise ValueError(f"pad_rows: cannot pad a batch of {have} rows to {rows}")
-  take = np.arange(rows - have) % have
-
-  def grow(x, zero=False):
-    if x is None:
-      return None
-    x = np.asarray(x)
-    extra = np.zeros_like(x[take]) if zero else x[take]
-    return np.concatenate([x, extra])
-
-  return Batch(grow(batch.prompt_BxP), grow(batch.prompt_mask_BxP), grow(batch.tokens_BxN),
-               grow(batch.mask_BxN, zero=True), grow(batch.old_logp_BxN), grow(batch.adv_B, zero=True),
-               grow(batch.ref_logp_BxN))
 
 
 def lr_at(cfg: UpdateConfig, step) -> jax.Array:
@@ -175,6 +159,8 @@ class Trainer:
     self.update = jax.jit(self._update_impl, in_shardings=(self.state_shardings, None),
                           out_shardings=(self.state_shardings, None), donate_argnums=(0,))
     self.logprobs = jax.jit(self._logprobs_impl)
+    # A copy that no update's donation can delete: the frozen reference policy of a KL term.
+    self.copy_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=self.param_shardings)
 
   # --- state ---
 
@@ -240,11 +226,9 @@ class Trainer:
         clip_c=cfg.clip_c, agg=cfg.loss_agg, logits=logits, num_tokens=num_tokens, num_seqs=num_seqs,
         norm_len=cfg.norm_len or None, entropy_coef=cfg.entropy_coef)
     if cfg.kl_coef:
-      # k3 estimator of KL(pi || ref), clamped as the reference ("low_var_kl").
-      d = mb.ref_logp_BxN - logp
-      kl = jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
-      kl_loss = loss_lib.aggregate(kl, mb.mask_BxN, cfg.loss_agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                                   norm_len=cfg.norm_len or None)
+      # The reference's KL loss: low_var_kl to the frozen starting policy, aggregated as the policy loss.
+      kl_loss = loss_lib.aggregate(loss_lib.low_var_kl(logp, mb.ref_logp_BxN), mb.mask_BxN, cfg.loss_agg,
+                                   num_tokens=num_tokens, num_seqs=num_seqs, norm_len=cfg.norm_len or None)
       loss = loss + cfg.kl_coef * kl_loss
       metrics["kl_loss"] = kl_loss
     return loss, metrics
@@ -278,7 +262,7 @@ class Trainer:
       loss, grads, metrics = self.minibatch_grads(params, mini)
       norm = optax.tree.norm(grads)
       finite = jnp.isfinite(norm)
-      # A mini-batch with no loss token (all padding: see `pad_rows`; or every row overlong-filtered) is no
+      # A mini-batch with no loss token (all padding: see `dynamic_sampling.pad_rows`; or every row overlong-filtered) is no
       # update: an optimizer step on zero gradients would still move the weights (momentum, weight decay).
       active = jnp.any(mini.mask_BxN > 0)
       scale = jnp.minimum(1.0, cfg.grad_clip / (norm + 1e-6))
@@ -298,5 +282,7 @@ class Trainer:
     weight_M = active_M.astype(jnp.float32) / jnp.maximum(jnp.sum(active_M), 1)
     metrics = {f"actor/{k}": jnp.sum(v * weight_M) for k, v in per_update.items()}
     metrics["actor/lr"] = lr
+    if cfg.kl_coef:
+      metrics["actor/kl_coef"] = jnp.asarray(cfg.kl_coef, jnp.float32)
     metrics["actor/skipped_updates"] = (skipped - state.skipped).astype(jnp.float32)
     return TrainState(params, opt, state.step + 1, updates, skipped), metrics

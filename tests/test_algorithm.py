@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from dapo_jax.advantages import group_advantages
-from dapo_jax.dynamic_sampling import (DynamicSampling, DynamicSamplingExhausted, GroupAccumulator, concat_rows,
-                                       keep_groups)
-from dapo_jax.loss import aggregate, policy_loss
+from dapo_jax.dynamic_sampling import DynamicSampling, DynamicSamplingExhausted, GroupAccumulator, keep_groups
+from dapo_jax.rollout import ScoredBatch
+from dapo_jax.loss import aggregate, low_var_kl, policy_loss
 from dapo_jax.rewards import overlong_penalty
 
 
@@ -40,10 +40,11 @@ def test_advantages_groups_are_independent_and_dr_grpo():
 
 # --- dynamic sampling ---------------------------------------------------------------------------------------
 
-def _batch(acc_rows, tag, width=3):
-  n = len(acc_rows)
-  return {"acc": np.asarray(acc_rows, float), "tag": np.full(n, tag), "resp": np.full((n, width), tag),
-          "prompt": np.full((n, width), tag)}
+from tests.conftest import scored_batch as _batch  # noqa: E402
+
+
+def _tags(batch):
+  return batch.tokens_BxN[:, 0].tolist()
 
 
 def test_keep_groups_filters_on_agreement():
@@ -54,13 +55,16 @@ def test_keep_groups_filters_on_agreement():
 def test_accumulator_fills_truncates_and_logs():
   acc = GroupAccumulator(DynamicSampling(train_batch_size=3), group_size=2)
   b1 = _batch([1, 1, 1, 0, 0, 0, 0, 1], 1)  # groups: all right, mixed, all wrong, mixed -> keeps 2
-  assert acc.add(b1, b1["acc"]) == 2 and not acc.ready
+  assert acc.add(b1) == 2 and not acc.ready
   b2 = _batch([0, 1, 1, 0, 1, 1, 0, 1], 2, width=5)  # keeps 3 -> 5 kept, 3 trained
-  acc.add(b2, b2["acc"])
+  acc.add(b2)
   assert acc.ready
   batch, m = acc.take()
-  assert batch["tag"].tolist() == [1, 1, 1, 1, 2, 2]  # groups whole, in order, truncated on a group boundary
-  assert batch["resp"].shape == (6, 5)
+  assert _tags(batch) == [1, 1, 1, 1, 2, 2]  # groups whole, in order, truncated on a group boundary
+  assert batch.tokens_BxN.shape == (6, 5) and batch.prompt_BxP.shape == (6, 5)
+  np.testing.assert_array_equal(batch.prompt_BxP[0], [0, 0, 1, 1, 1])  # prompts padded on the left
+  np.testing.assert_array_equal(batch.tokens_BxN[0], [1, 1, 1, 0, 0])  # responses on the right
+  assert batch.group_B.tolist() == [101, 101, 103, 103, 200, 200]
   assert m["train/num_gen_batches"] == 2 and m["train/kept_group_fraction"] == 5 / 8
   assert m["train/rollouts_per_trained_sample"] == 16 / 6 and m["train/surplus_discarded_groups"] == 2
 
@@ -68,7 +72,7 @@ def test_accumulator_fills_truncates_and_logs():
 def test_accumulator_carry_over_and_state():
   acc = GroupAccumulator(DynamicSampling(train_batch_size=1, carry_over=True), group_size=2)
   b = _batch([1, 0, 0, 1, 1, 0], 7)
-  acc.add(b, b["acc"])
+  acc.add(b)
   batch, m = acc.take()
   assert m["train/surplus_groups"] == 2 and m["train/surplus_discarded_groups"] == 0
   assert acc.ready and acc.carried_in == 2  # the next step starts with the surplus
@@ -78,42 +82,75 @@ def test_accumulator_carry_over_and_state():
   nxt, m2 = fresh.take()
   assert m2["train/num_gen_batches"] == 0 and m2["train/carried_in_groups"] == 2
   assert np.isnan(m2["train/kept_group_fraction"])  # nothing sampled this step
-  np.testing.assert_array_equal(nxt["tag"], [7, 7])
+  assert _tags(nxt) == [7, 7] and nxt.group_B.tolist() == [701, 701]
 
 
 def test_accumulator_exhaustion_policies():
   strict = GroupAccumulator(DynamicSampling(train_batch_size=4, max_num_gen_batches=2), group_size=2)
   b = _batch([1, 1, 1, 0], 0)
-  strict.add(b, b["acc"])
+  strict.add(b)
   with pytest.raises(DynamicSamplingExhausted, match="kept 2 of 4 groups after 2 generation batches"):
-    strict.add(b, b["acc"])
+    strict.add(b)
   lenient = GroupAccumulator(DynamicSampling(train_batch_size=4, max_num_gen_batches=2,
                                              on_exhausted="train_on_kept"), group_size=2)
-  lenient.add(b, b["acc"])
-  lenient.add(b, b["acc"])
+  lenient.add(b)
+  lenient.add(b)
   batch, m = lenient.take()
-  assert len(batch["tag"]) == 4 and m["train/num_trained_groups"] == 2
+  assert batch.num_rows == 4 and m["train/num_trained_groups"] == 2
   hopeless = GroupAccumulator(DynamicSampling(train_batch_size=4, max_num_gen_batches=2,
                                               on_exhausted="train_on_kept"), group_size=2)
   wrong = _batch([0, 0, 0, 0], 0)
-  hopeless.add(wrong, wrong["acc"])
+  hopeless.add(wrong)
   with pytest.raises(DynamicSamplingExhausted, match="kept 0 of 4 groups .*, so even on_exhausted='train_on_kept' "
                                                      "has nothing to train on") as e:
-    hopeless.add(wrong, wrong["acc"])
+    hopeless.add(wrong)
   assert "or set on_exhausted" not in str(e.value)
   off = GroupAccumulator(DynamicSampling(train_batch_size=2, enable=False), group_size=2)
-  off.add(b, b["acc"])
+  off.add(b)
   assert off.ready and off.take()[1]["train/kept_group_fraction"] == 1.0
   with pytest.raises(ValueError, match="on_exhausted"):
     DynamicSampling(train_batch_size=1, on_exhausted="ignore")
 
 
-def test_concat_rows_pads_prompts_left_and_responses_right():
-  a = {"prompt": np.array([[1, 2]]), "resp": np.array([[3, 4]])}
-  b = {"prompt": np.array([[5, 6, 7]]), "resp": np.array([[8, 9, 10]])}
-  out = concat_rows([a, b], left_padded=("prompt",))
-  np.testing.assert_array_equal(out["prompt"], [[0, 1, 2], [5, 6, 7]])
-  np.testing.assert_array_equal(out["resp"], [[3, 4, 0], [8, 9, 10]])
+def test_the_filter_metric_is_the_strategys():
+  b = _batch([1, 1, 0, 0], 0)._replace(score_B=np.float32([1, 1, -1, -1]), penalty_B=np.float32([0, -0.5, 0, 0]))
+  assert GroupAccumulator(DynamicSampling(train_batch_size=2, metric="acc"), group_size=2).add(b) == 0
+  # The overlong penalty differs inside the first group: seq_reward disagrees there, acc and score do not.
+  assert GroupAccumulator(DynamicSampling(train_batch_size=2, metric="seq_reward"), group_size=2).add(b) == 1
+  assert DynamicSampling(train_batch_size=4, gen_batch_size=12).gen_batch_prompts == 12
+  assert DynamicSampling(train_batch_size=4, gen_batch_size=12, enable=False).gen_batch_prompts == 4
+
+
+def test_carried_groups_get_the_log_probs_of_the_weights_that_sampled_them_once():
+  acc = GroupAccumulator(DynamicSampling(train_batch_size=1, carry_over=True), group_size=2)
+  acc.add(_batch([1, 0, 0, 1, 1, 0, 1, 0], 3))
+  acc.take()  # 1 group trained, 3 carried
+  calls = []
+
+  def logprobs(part):
+    calls.append(part.num_rows)
+    return np.full(part.tokens_BxN.shape, -0.5, np.float32)
+  acc.compute_carried_logprobs(logprobs, rows=4)
+  assert calls == [4, 2]  # at most `rows` rows a call
+  carried = acc.carried
+  assert carried.old_logp_known_B.all() and np.all(carried.old_logp_BxN == -0.5)
+  acc.take()  # 1 trained, 2 carried again: they keep their log-probs, nothing is recomputed
+  acc.compute_carried_logprobs(logprobs, rows=4)
+  assert calls == [4, 2] and np.all(acc.carried.old_logp_BxN == -0.5)
+  back = GroupAccumulator(DynamicSampling(train_batch_size=1, carry_over=True), group_size=2)
+  back.restore(acc.state())
+  for name in ScoredBatch._fields:
+    np.testing.assert_array_equal(getattr(back.carried, name), getattr(acc.carried, name))
+
+
+def test_a_carried_batch_from_a_record_without_the_newer_fields():
+  # A checkpoint from before old log-probs, predictions and group ids were kept: the log-probs are recomputed.
+  record = {k: v for k, v in _batch([1, 0], 0).to_record().items()
+            if k not in ("old_logp_BxN", "old_logp_known_B", "pred_B", "has_pred_B", "group_B")}
+  back = ScoredBatch.from_record(record)
+  assert back.old_logp_BxN.shape == (2, 3) and not back.old_logp_known_B.any() and not back.has_pred_B.any()
+  with pytest.raises(ValueError, match=r"lacks the fields \['acc_B'\]"):
+    ScoredBatch.from_record({k: v for k, v in record.items() if k != "acc_B"})
 
 
 # --- the loss -----------------------------------------------------------------------------------------------
@@ -214,3 +251,16 @@ def test_seq_mean_modes_count_only_rows_with_loss_tokens():
   assert float(aggregate(loss_BxT, mask, "seq-mean-token-sum-norm", norm_len=4)) == 0.5
   assert float(aggregate(loss_BxT, mask, "token-mean")) == 1.0
   assert float(aggregate(loss_BxT, jnp.zeros_like(mask), "seq-mean-token-mean")) == 0.0
+
+
+def test_low_var_kl_is_the_references_k3_clamped():
+  # verl's kl_penalty(logp, ref, "low_var_kl"): kl = clamp(ref - logp, -20, 20); clamp(exp(kl) - kl - 1, -10, 10).
+  logp = np.array([-1.0, -2.0, -0.1, -30.0, -0.5], np.float32)
+  ref = np.array([-1.0, -1.5, -3.0, -0.2, -40.0], np.float32)
+  d = np.clip(ref - logp, -20, 20)
+  want = np.clip(np.exp(d) - d - 1, -10, 10)
+  np.testing.assert_allclose(np.asarray(low_var_kl(jnp.asarray(logp), jnp.asarray(ref))), want, rtol=1e-6)
+  assert want[0] == 0.0 and want[3] == 10.0  # equal policies: 0; far apart: the clamp
+  import jax
+  grad = jax.grad(lambda x: low_var_kl(x, jnp.asarray(ref)).sum())(jnp.asarray(logp))
+  assert np.all(np.isfinite(np.asarray(grad)))  # the clamp before exp keeps the gradient finite

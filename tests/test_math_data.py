@@ -12,7 +12,7 @@ import pytest
 
 from dapo_jax.data import math_datasets as md
 from dapo_jax.data.prompts import DAPO_TEMPLATE
-from dapo_jax.evaluate import majority, pass_at_k, summarize
+from dapo_jax.evaluation import majority, pass_at_k, summarize
 from dapo_jax.rewards import get
 
 SHARED = Path(os.environ.get("DAPO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -205,7 +205,7 @@ def test_training_on_the_copies_still_evaluates_each_problem_once(tmp_path, tiny
 def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_policy, caplog):
   import jax
   from configs import default as default_config
-  from dapo_jax import evaluate, sharding
+  from dapo_jax import evaluation, runs, sharding
   from dapo_jax.train import train_and_evaluate
   c = default_config.get_config()
   c.data.name, c.data.dir = "math", str(tmp_path / "cache")
@@ -228,17 +228,17 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2] and rows[-1]["train/num_gen_batches"] == 1.0
   mesh = sharding.make_mesh(dict(c.mesh))
-  model, tok = evaluate.load_policy(str(workdir), c, mesh)
-  eval_rows = evaluate.eval_rows_for("gsm8k", c, tok)[:3]
+  model, tok = runs.load_policy(str(workdir), c, mesh)
+  eval_rows = runs.eval_rows_for("gsm8k", c, tok)[:3]
   with caplog.at_level(logging.WARNING):
-    cut = evaluate.eval_rows_for("gsm8k", c, tok)  # this tokenizer's GSM8K prompts: some over 256 tokens
+    cut = runs.eval_rows_for("gsm8k", c, tok)  # this tokenizer's GSM8K prompts: some over 256 tokens
   n_cut = sum(r["prompt_truncated"] for r in cut)
   assert 0 < n_cut < len(cut) and all(len(r["prompt_ids"]) <= 256 for r in cut)
   assert f"{n_cut} of {len(cut)} gsm8k prompts are longer than data.max_prompt_length=256" in caplog.text
   with pytest.raises(ValueError, match="unknown dataset 'aime2024'; known: 'task', .*'aime24'"):
-    evaluate.eval_rows_for("aime2024", c, tok)
+    runs.eval_rows_for("aime2024", c, tok)
   with jax.set_mesh(mesh):
-    summary = evaluate.evaluate_rows(model, tok, eval_rows, k=4, temperature=1.0, top_p=0.7,
+    summary = evaluation.evaluate_rows(model, tok, eval_rows, k=4, temperature=1.0, top_p=0.7,
                                      max_new_tokens=16, workers=0)
   assert len(summary["problems"]) == 3 and set(summary["overall"]) == {"avg@4", "maj@4", "pass@1", "pass@2",
                                                                        "pass@4"}
@@ -246,16 +246,17 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
   assert summary["truncated_prompts"] == sum(r["prompt_truncated"] for r in eval_rows)
   # Greedy samples do not depend on how the problems are chunked (the last chunk is filled up and cut back).
   with jax.set_mesh(mesh):
-    greedy = [evaluate.evaluate_rows(model, tok, eval_rows, k=2, temperature=0.0, top_p=1.0, max_new_tokens=16,
+    greedy = [evaluation.evaluate_rows(model, tok, eval_rows, k=2, temperature=0.0, top_p=1.0, max_new_tokens=16,
                                      workers=0, batch_prompts=b)["problems"] for b in (2, 8)]
   assert [p["sample"] for p in greedy[0]] == [p["sample"] for p in greedy[1]]
   # Exported (what `python -m dapo_jax.export` writes): transformers loads the same policy and tokenizer.
   import jax.numpy as jnp
   import transformers
-  from dapo_jax import export, model as M
+  from dapo_jax import model as M
   from dapo_jax.testing import hf_logits
+  from dapo_jax.tokenizer import write_tokenizer
   M.save_hf(model, tmp_path / "hf")
-  export.write_tokenizer(tok, tmp_path / "hf")
+  write_tokenizer(tok, tmp_path / "hf")
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).float()
   tokens = np.asarray([eval_rows[0]["prompt_ids"]], np.int32)
   with jax.set_mesh(mesh):
@@ -291,13 +292,48 @@ def test_paper_configs_and_memory_estimate():
   assert not naive.fits  # materialised 22528^2 attention scores in every layer
   for mod in (dapo_qwen2_5_math_7b, dapo_qwen2_5_0_5b):
     config_lib.validate(mod.get_config())
-  c7 = dapo_qwen2_5_math_7b.get_config()  # verl's test_dapo_7b.sh: the 32B batches, 2048-token responses
-  assert (c7.rollout.train_batch_size, c7.rollout.gen_batch_size, c7.actor.mini_batch_size) == (512, 1536, 32)
-  assert (c7.rollout.max_response_length, c7.overlong.buffer, c7.data.max_prompt_length) == (2048, 512, 2048)
+  c7 = dapo_qwen2_5_math_7b.get_config()
   assert memory.estimate_for_config(c7, tasks.model_config(c7), {"fsdp": 8}).fits
   small = memory.estimate(tasks.model_config(dapo_qwen2_5_0_5b.get_config()), mesh_shape={"fsdp": 8},
                           micro_batch_rows=8, gen_rows=64, prompt_len=256, response_len=512, device_gib=80)
   assert small.fits
+
+
+# verl's recipe/dapo/test_dapo_7b.sh at the DAPO snapshot, field by field: its variable or flag -> our field.
+TEST_DAPO_7B = {
+    "model.preset": "qwen2.5-math-7b",  # MODEL_PATH=.../Qwen2.5-Math-7B
+    "data.train": "dapo_math17k", "data.eval": "dapo_aime24",  # TRAIN_FILE, TEST_FILE
+    "data.dedup": False,  # the parquet as published
+    "data.max_prompt_length": 2048, "rollout.max_response_length": 2048,  # max_prompt/response_length
+    "overlong.enable": True, "overlong.buffer": 512, "overlong.factor": 1.0,
+    "dynamic_sampling.enable": True, "dynamic_sampling.metric": "acc", "dynamic_sampling.max_num_gen_batches": 10,
+    "dynamic_sampling.on_exhausted": "raise",
+    "rollout.train_batch_size": 512, "rollout.gen_batch_size": 1536, "actor.mini_batch_size": 32,
+    "rollout.group_size": 16,  # n_resp_per_prompt
+    "actor.kl_coef": 0.0, "actor.clip_low": 0.2, "actor.clip_high": 0.28,
+    "actor.clip_c": 3.0,  # clip_ratio_c not set: verl's default
+    "actor.loss_agg": "token-mean",  # use_token_level_loss=True
+    "actor.lr": 1e-6, "actor.warmup_steps": 10, "actor.weight_decay": 0.1, "actor.grad_clip": 1.0,
+    "actor.entropy_coef": 0.0,
+    "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": 0,  # top_k=-1: off
+    "eval.temperature": 1.0, "eval.top_p": 1.0,  # val_kwargs
+    "eval.k": 32, "eval.num_problems": 30,  # val_kwargs.n=1 over the AIME file's 30 problems x 32 copies
+    "eval.before_train": True, "eval.every": 2, "checkpoint.every": 2,  # val_before_train, test_freq, save_freq
+    "model.remat": True,  # enable_gradient_checkpointing=True
+    "reward.name": "math_dapo",  # reward_manager=dapo
+}
+
+
+def test_the_7b_recipe_is_test_dapo_7b_sh_field_by_field():
+  from configs import dapo_qwen2_5_math_7b
+  c = dapo_qwen2_5_math_7b.get_config()
+  got = {}
+  for field in TEST_DAPO_7B:
+    node = c
+    for part in field.split("."):
+      node = node[part]
+    got[field] = node
+  assert got == TEST_DAPO_7B
 
 
 def test_a_config_that_cannot_fit_is_refused_before_compiling(tmp_path):

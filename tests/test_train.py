@@ -34,6 +34,7 @@ def tiny_config(data_dir, **changes):
   c.data.task.num_train, c.data.task.num_test = 400, 40
   c.total_steps = 3
   c.sft.steps, c.sft.batch_size = 40, 32
+  c.sft.cache = True  # one warm start for every test run of this model (data_dir is the session's)
   c.model.overrides.num_layers = 2
   c.rollout.group_size, c.rollout.gen_batch_size, c.rollout.train_batch_size = 4, 8, 4
   c.actor.mini_batch_size, c.actor.micro_batch_size = 2, 8
@@ -67,8 +68,9 @@ def _flags(config, workdir):
   return flags
 
 
-def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
-  config = tiny_config(data_dir)
+def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir, monkeypatch):
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  config = tiny_config(data_dir, **{"log.wandb": True, "log.wandb_mode": "offline"})  # no network, no account
   result = train_and_evaluate(config, str(tmp_path))
   assert "val/acc/mean" in result
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -79,12 +81,26 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
               "train/num_gen_batches", "timing_s/gen", "timing_s/reward", "timing_s/old_log_prob",
               "timing_s/update_actor", "timing_s/step", "perf/gen_tokens_per_s"):
     assert all(key in r for r in rows[1:]), key
-  assert "val/acc/mean" in rows[2] and "val/acc/mean" in rows[3]
-  assert 0 <= rows[3]["val/maj@2"] <= rows[3]["val/pass@2"]
-  assert (tmp_path / "curves.png").stat().st_size > 10_000
+  # One name per quantity (the reference's duplicates critic/rewards, critic/returns, and ours, are not logged).
+  for gone in ("critic/rewards/mean", "critic/returns/mean", "actor/pg_clipfrac_dual", "val/acc/mean@2"):
+    assert not any(gone in r for r in rows), gone
+  assert [("val/acc/mean" in r, "val/acc/best@2/mean" in r) for r in rows] == [(True, True), (False, False),
+                                                                                (True, True), (True, True)]
+  for r in (rows[0], rows[2], rows[3]):
+    # Exact maj@k <= pass@k; the bootstrap best@k (subsets drawn with replacement) <= the exact pass@k.
+    assert 0 <= r["val/maj@2"] <= r["val/pass@2"] and r["val/acc/best@2/mean"] <= r["val/pass@2"]
+    assert r["val/acc/mean"] <= r["val/acc/best@2/mean"]
+  from PIL import Image
+  assert Image.open(tmp_path / "curves.png").size == (1848, 374)  # the four panels of metrics.PLOT_PANELS
   assert any((tmp_path / "tensorboard").iterdir())
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
   assert (tmp_path / "samples.jsonl").is_file()
+  # Weights & Biases, offline: one run, under the id kept for a resume, holding the logged metrics.
+  run_id = (tmp_path / "wandb_run_id").read_text()
+  (run_file,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+  logged = run_file.read_bytes()
+  for key in ("critic/score/mean", "actor/pg_loss", "val/acc/mean", "val/acc/best@2/mean"):
+    assert key.encode() in logged, key
   # The evaluation CLI on the workdir, with no --config, evaluates it with the config it ran with (2 layers).
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   out = subprocess.run([sys.executable, "-m", "dapo_jax.evaluate", f"--checkpoint={tmp_path}", "--dataset=task",
@@ -98,10 +114,10 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir):
                         f"--out={tmp_path / 'hf'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
   assert "tokenizer.model, tokenizer_config.json, generation_config.json" in out.stdout
-  from dapo_jax import evaluate, model as M
+  from dapo_jax import model as M, runs
   from dapo_jax.tokenizer import load_tokenizer
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  trained, tok = evaluate.load_policy(str(tmp_path), config, mesh, step=2)
+  trained, tok = runs.load_policy(str(tmp_path), config, mesh, step=2)
   exported, _ = M.load_hf(tmp_path / "hf", mesh=mesh)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, trained.cfg.vocab_size, (2, 9)), jnp.int32)
   np.testing.assert_array_equal(np.asarray(exported(tokens)), np.asarray(trained(tokens)))
@@ -151,11 +167,20 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again_with_a_corre
     ("rollout.group_size", 1, "rollout.group_size: dynamic sampling needs groups of at least 2"),
     ("actor.loss_agg", "sum", "actor.loss_agg: 'sum' is not one of"),
     ("checkpoint.every", -1, "checkpoint.every: must be a non-negative integer"),
+    ("actor.lr", -1e-3, "actor.lr: must be >= 0"),
+    ("actor.warmup_steps", -2, "actor.warmup_steps: must be an integer >= 0"),
+    ("actor.grad_clip", 0.0, "actor.grad_clip: must be > 0"),
+    ("actor.weight_decay", -1.0, "actor.weight_decay: must be >= 0"),
+    ("rollout.top_k", -5, "rollout.top_k must be >= 0"),
+    ("eval.top_p", 0.0, r"eval.top_p must be in \(0, 1\]"),
+    ("overlong.factor", -1.0, "overlong.factor: must be >= 0"),
+    ("dynamic_sampling.metric", "reward", "dynamic_sampling.metric: must be one of"),
+    ("dynamic_sampling.max_num_gen_batches", -1, "dynamic_sampling.max_num_gen_batches: must be an integer >= 0"),
 ])
 def test_config_is_validated_before_anything_is_built(tmp_path, data_dir, field, value, match):
   with pytest.raises(config_lib.ConfigValidationError, match=match):
-    train_and_evaluate(tiny_config(data_dir, **{field: value}), str(tmp_path))
-  assert not (tmp_path / "checkpoints").exists()
+    train_and_evaluate(tiny_config(data_dir, **{field: value}), str(tmp_path / "run"))
+  assert not any(tmp_path.iterdir())  # nothing written: the corrected command starts afresh
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, data_dir, monkeypatch):
@@ -237,7 +262,9 @@ def _final_params(workdir, step):
 
 
 def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, data_dir):
-  config = tiny_config(data_dir, total_steps=4, **{"eval.every": 0, "checkpoint.asynchronous": False})
+  # With a KL term: the resumed run reads back the frozen reference policy its first start wrote.
+  config = tiny_config(data_dir, total_steps=4, **{"eval.every": 0, "checkpoint.asynchronous": False,
+                                                    "actor.kl_coef": 0.5})
   straight = _run(config, tmp_path / "straight")
   out, _ = straight.communicate(timeout=600)
   assert straight.returncode == 0, out[-3000:]
@@ -260,6 +287,10 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
     steps = [[json.loads(line)["step"] for line in (tmp_path / run / name).read_text().splitlines()]
              for run in ("straight", "killed")]
     assert steps[0] == steps[1] and steps[0][-1] == 4, name
+  rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+  # Step 1 trains with lr 0 (warmup): the policy is still the reference, their KL exactly 0; then it is not.
+  assert rows[0]["actor/kl_loss"] == 0.0 and all(r["actor/kl_loss"] > 0 for r in rows[1:])
+  assert all(r["actor/kl_coef"] == 0.5 and r["timing_s/ref"] > 0 for r in rows)
 
 
 def test_trim_logs_keeps_rows_through_a_step_and_drops_a_cut_line(tmp_path):
@@ -314,21 +345,22 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data_dir):
 
 
 def test_evaluation_in_chunks_equals_one_call_when_greedy(tmp_path, data_dir):
-  from dapo_jax import tasks, train
+  from dapo_jax import tasks
+  from dapo_jax.evaluation import evaluate_task
   from dapo_jax.rewards.executor import RewardExecutor
   config = tiny_config(data_dir, **{"eval.temperature": 0.0, "eval.num_problems": 5, "eval.k": 2})
   mesh = sharding.make_mesh({"data": 2}, devices=jax.devices()[:2])
   task = tasks.build(config, tmp_path)
   model = tasks.build_policy(config, task, mesh)
   with RewardExecutor(config.reward.name, workers=0, timeout_s=5.0) as executor, jax.set_mesh(mesh):
-    whole = train.evaluate(model, task, config, jax.random.key(0), executor)
+    whole = evaluate_task(model, task, config, jax.random.key(0), executor)
     config.eval.chunk_size = 2  # 2 + 2 + 1 problems, the last call filled up to 2 and the extra dropped
-    chunked = train.evaluate(model, task, config, jax.random.key(0), executor)
+    chunked = evaluate_task(model, task, config, jax.random.key(0), executor)
   assert whole == chunked and 0.0 < whole["val/response_length/mean"]
 
 
 def test_advantages_are_summarised_over_response_tokens():
-  from dapo_jax.train import token_summary
+  from dapo_jax.metrics import token_summary
   adv_B = np.array([1.0, -1.0, 5.0])
   mask_BxN = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])  # row 2 has no token: left out
   s = token_summary("critic/advantages", adv_B, mask_BxN)
@@ -359,13 +391,6 @@ def test_carried_groups_keep_the_log_probs_of_the_weights_that_sampled_them(tmp_
       np.testing.assert_allclose(part["old_logp_BxN"], part["sampler_logp_BxN"], atol=2e-5)
 
 
-def test_carry_from_a_checkpoint_written_before_old_log_probs_were_kept():
-  from dapo_jax.train import _carry_from_record
-  part = {"tokens_BxN": np.ones((2, 3), np.int32), "mask_BxN": np.ones((2, 3), bool)}
-  (back,) = _carry_from_record({"carry": [part]})["carry"]
-  assert back["old_logp_BxN"].shape == (2, 3) and not back["old_logp_known_B"].any()  # recomputed, as then
-
-
 def test_without_dynamic_sampling_a_generation_batch_is_the_training_batch(tmp_path, data_dir):
   # rollout.gen_batch_size (8) is for dynamic sampling; with it off every group is kept, and sampling 8 prompts to
   # train 4 threw half away.
@@ -376,3 +401,29 @@ def test_without_dynamic_sampling_a_generation_batch_is_the_training_batch(tmp_p
   train_and_evaluate(config, str(tmp_path))
   (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert row["train/rollouts_per_trained_sample"] == 1.0 and row["train/surplus_groups"] == 0
+
+
+# One DAPO step of tiny_config (parity reward, 2 generation batches, lr 1e-3 from the first step) on 8 fake CPU
+# devices, as recorded. A change that moves any of them changes what a step computes: if that is intended,
+# run this test, check the new values are explained by the change, and paste them here (the assertion
+# message prints them all).
+GOLDEN_STEP = {
+    "actor/pg_loss": 0.04928859695792198, "actor/pg_clipfrac": 0.10126582533121109,
+    "actor/pg_clipfrac_high": 0.0284810122102499, "actor/pg_clipfrac_low": 0.07278481125831604,
+    "actor/ppo_kl": 0.12999315559864044, "actor/grad_norm": 1.006425380706787, "actor/entropy": 1.3750706911087036,
+    "train/num_gen_batches": 1.0, "train/num_trained_groups": 4.0, "train/kept_group_fraction": 1.0,
+    "critic/score/mean": 0.25, "response_length/mean": 18.8125,
+}
+
+
+def test_one_dapo_step_gives_the_recorded_metrics(tmp_path, data_dir):
+  config = tiny_config(data_dir, total_steps=1, **{"eval.every": 0, "eval.before_train": False,
+                                                    "actor.warmup_steps": 0, "checkpoint.asynchronous": False})
+  train_and_evaluate(config, str(tmp_path))
+  (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  got = {k: row[k] for k in ("actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_high", "actor/pg_clipfrac_low",
+                             "actor/ppo_kl", "actor/grad_norm", "actor/entropy", "train/num_gen_batches",
+                             "train/num_trained_groups", "train/kept_group_fraction", "critic/score/mean",
+                             "response_length/mean")}
+  assert got.keys() == GOLDEN_STEP.keys() and all(
+      np.isclose(got[k], GOLDEN_STEP[k], rtol=1e-4, atol=1e-7) for k in got), f"got {got}"

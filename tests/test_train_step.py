@@ -7,7 +7,8 @@ import pytest
 from dapo_jax import model as M
 from dapo_jax import sharding
 from dapo_jax.sampling import SamplingParams, generate
-from dapo_jax.train_step import Batch, Trainer, UpdateConfig, pad_rows
+from dapo_jax.dynamic_sampling import pad_rows
+from dapo_jax.train_step import Batch, Trainer, UpdateConfig
 
 ONE = sharding.make_mesh(devices=jax.devices()[:1])
 CFG = M.preset("tiny", num_heads=8, num_kv_heads=4)

@@ -108,7 +108,7 @@ def test_notebook_executes(name, sweep_dir, monkeypatch):
   if name == "analysis":
     assert "| dynamic_sampling_dapo |" in text and "| critic/score/mean |" in text and "| step | score |" in text
   else:
-    assert "avg@4" in text and "| problem | truth | score |" in text
+    assert "avg@4" in text and "best@4/mean" in text and "| step | score |" in text
 
 
 def _sweep_config(tmp_path, points):

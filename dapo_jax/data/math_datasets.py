@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dapo_jax.data.prompts import dapo_prompt
+from dapo_jax.data.tfds_builders import prepare
 
 
 class DataError(ValueError):
@@ -198,8 +199,7 @@ def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = Tru
     logging.info("%s: source files not here; using the copy prepared from them (%s)", source_dir, fingerprint)
   config = MathConfig(name=f"{name}{suffix}_{fingerprint}", source=name, source_dir=source_dir, dedup=dedup)
   tfds.display_progress_bar(False)
-  builder = DapoMath(config=config, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare()
+  builder = prepare(lambda: DapoMath(config=config, data_dir=data_dir, file_format="array_record"))
   if known.get(key) != fingerprint:
     known[key] = fingerprint
     tmp = record.with_name(f"{record.name}.{os.getpid()}.tmp")

@@ -42,15 +42,34 @@ class DapoArithmetic(tfds.core.GeneratorBasedBuilder):
       yield row["id"], row
 
 
+def prepare(make_builder):
+  """`make_builder()`, prepared; what TFDS says meanwhile ("Downloading and preparing dataset ...", its
+  custom-config warning) only with --verbosity=1 or more."""
+  import contextlib
+  import io
+  from absl import logging
+  if logging.get_verbosity() >= 1:
+    builder = make_builder()
+    builder.download_and_prepare()
+    return builder
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder = make_builder()
+      builder.download_and_prepare()
+  finally:
+    logging.set_verbosity(level)
+  return builder
+
+
 def arithmetic_builder(task: ArithmeticTask, data_dir: str) -> DapoArithmetic:
   """The builder for this task (one builder config per task), prepared in `data_dir` on first use."""
   name = f"d{task.digits}_n{task.num_train}_t{task.num_test}_s{task.seed}"
   config = ArithmeticConfig(name=name, digits=task.digits, num_train=task.num_train, num_test=task.num_test,
                             task_seed=task.seed)
   tfds.display_progress_bar(False)
-  builder = DapoArithmetic(config=config, data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare()
-  return builder
+  return prepare(lambda: DapoArithmetic(config=config, data_dir=data_dir, file_format="array_record"))
 
 
 def _decode(row) -> dict:

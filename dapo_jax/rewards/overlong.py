@@ -30,15 +30,24 @@ class OverlongShaping:
   filter: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.max_len, int) or self.max_len <= 0:
+      raise ValueError(f"rollout.max_response_length: must be a positive integer, got {self.max_len!r}")
     if self.enable and not 0 < self.buffer < self.max_len:
-      raise ValueError(f"overlong buffer must be in (0, max_response_length={self.max_len}), got {self.buffer}")
-    if self.factor < 0:
-      raise ValueError(f"overlong penalty factor must be >= 0, got {self.factor}")
+      raise ValueError(f"overlong.buffer: {self.buffer} must be positive and smaller than "
+                       f"rollout.max_response_length={self.max_len}")
+    if not self.factor >= 0:
+      raise ValueError(f"overlong.factor: must be >= 0, got {self.factor}")
 
   def penalty(self, lengths) -> np.ndarray:
     if not self.enable:
       return np.zeros(np.shape(lengths))
     return overlong_penalty(lengths, self.max_len, self.buffer, self.factor)
+
+  @classmethod
+  def from_config(cls, config) -> "OverlongShaping":
+    o = config.overlong
+    return cls(max_len=config.rollout.max_response_length, buffer=o.buffer, factor=o.factor, enable=o.enable,
+               filter=o.filter)
 
   def loss_mask(self, truncated) -> np.ndarray:
     """Per-row 1.0 to train on the response, 0.0 to mask it (truncated, with filtering on)."""

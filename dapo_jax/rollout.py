@@ -1,0 +1,194 @@
+"""From prompts to a scored batch: sample G responses per prompt in chunks, decode them, score them through
+the reward executor and shape their rewards for length. Training and evaluation both go through `Rollouts`.
+
+    rollouts = Rollouts(tokenizer, executor, params, num_samples=8, overlong=overlong)
+    batch = rollouts(model, rows, rng)          # a ScoredBatch, rows prompt-major
+    batch.reward_B                              # score + overlong penalty
+
+`ScoredBatch` is the one structure between the sampler and the update: dynamic sampling keeps or drops its
+groups, and the update's `Batch` is made from it (`train.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from dapo_jax import distributed
+from dapo_jax.rewards import OverlongShaping, RewardExecutor
+from dapo_jax.sampling import Rollout, SamplingParams, generate
+from dapo_jax.tokenizer import Tokenizer
+
+# Prompts are left-padded (their last token is next to the response), responses right-padded.
+_LEFT_PADDED = ("prompt_BxP", "prompt_mask_BxP")
+
+
+def _concat_fields(cls, parts):
+  """`cls(...)` of the parts' fields concatenated by rows, 2-D fields padded with zeros to the widest (on the
+  left for prompts)."""
+  out = {}
+  for key in cls._fields:
+    arrays = [np.asarray(getattr(p, key)) for p in parts]
+    if arrays[0].ndim == 2:
+      width = max(a.shape[1] for a in arrays)
+      arrays = [np.pad(a, [(0, 0), (width - a.shape[1], 0) if key in _LEFT_PADDED else (0, width - a.shape[1])])
+                for a in arrays]
+    out[key] = np.concatenate(arrays, axis=0)
+  return cls(**out)
+
+
+def _objects(values: list) -> np.ndarray:
+  """A 1-D object array of `values` (np.asarray would make a 2-D array of equal-length lists)."""
+  out = np.empty(len(values), object)
+  out[:] = values
+  return out
+
+
+class ScoredBatch(NamedTuple):
+  """Sampled and scored rows, prompt-major (rows i*G .. i*G+G-1 share group_B[i*G]), on host.
+
+  `sampler_logp_BxN` are the sampler's log-probs of its tokens. `old_logp_BxN` are the behaviour log-probs
+  the update's clip is centred on where they are already known (`old_logp_known_B`): groups that dynamic
+  sampling carries into a later step get theirs under the weights that sampled them; the others are computed
+  before the update."""
+  prompt_BxP: np.ndarray  # int32, left-padded
+  prompt_mask_BxP: np.ndarray  # bool
+  tokens_BxN: np.ndarray  # int32, pad after the stop token
+  mask_BxN: np.ndarray  # bool, the response's tokens (the stop token included)
+  sampler_logp_BxN: np.ndarray  # float32
+  old_logp_BxN: np.ndarray  # float32, valid where old_logp_known_B
+  old_logp_known_B: np.ndarray  # bool
+  lengths_B: np.ndarray  # int32, tokens in the response
+  truncated_B: np.ndarray  # bool, hit the token budget without a stop token
+  score_B: np.ndarray  # float32, the reward function's score
+  acc_B: np.ndarray  # float32, 1.0 right / 0.0 wrong
+  penalty_B: np.ndarray  # float32, overlong penalty (<= 0)
+  pred_B: np.ndarray  # object (str): the answer the reward extracted, "" when it gives none
+  has_pred_B: np.ndarray  # bool: the reward gave a prediction (majority votes need one)
+  text_B: np.ndarray  # object (str): the decoded response
+  truth_B: np.ndarray  # object: the ground truth
+  group_B: np.ndarray  # int64, the prompt group's id (unique within a run)
+
+  @property
+  def num_rows(self) -> int:
+    return int(self.acc_B.shape[0])
+
+  @property
+  def reward_B(self) -> np.ndarray:
+    """The sequence reward advantages are computed from: score plus overlong penalty."""
+    return (self.score_B + self.penalty_B).astype(np.float32)
+
+  @property
+  def prompt_len_B(self) -> np.ndarray:
+    return self.prompt_mask_BxP.sum(axis=1)
+
+  def rows(self, index) -> "ScoredBatch":
+    return ScoredBatch(*(np.asarray(x)[index] for x in self))
+
+  def replace(self, **fields) -> "ScoredBatch":
+    n = self.num_rows
+    for key, value in fields.items():
+      if key not in self._fields or len(value) != n:
+        raise ValueError(f"ScoredBatch.replace: {key!r} must be a field given for all {n} rows")
+    return self._replace(**{k: np.asarray(v) for k, v in fields.items()})
+
+  @classmethod
+  def concat(cls, batches: Sequence["ScoredBatch"]) -> "ScoredBatch":
+    """Rows of several batches, prompts padded on the left and responses on the right to the widest."""
+    if not batches:
+      raise ValueError("ScoredBatch.concat: no batches")
+    return _concat_fields(cls, batches)
+
+  def to_record(self) -> dict[str, np.ndarray]:
+    """The fields by name, for a checkpoint's record (`from_record` reads it back exactly)."""
+    return {k: np.asarray(v) for k, v in self._asdict().items()}
+
+  @classmethod
+  def from_record(cls, record: dict[str, Any]) -> "ScoredBatch":
+    """A batch from `to_record`'s dict, or from a checkpoint written before some fields existed: unknown
+    old log-probs (recomputed with the weights that sampled them, as before), no predictions, group ids
+    from the row order."""
+    n = len(record["tokens_BxN"])
+    defaults = {"old_logp_BxN": lambda: np.zeros(np.shape(record["tokens_BxN"]), np.float32),
+                "old_logp_known_B": lambda: np.zeros(n, bool),
+                "pred_B": lambda: np.full(n, "", object), "has_pred_B": lambda: np.zeros(n, bool),
+                "group_B": lambda: np.arange(n, dtype=np.int64)}
+    missing = [k for k in cls._fields if k not in record and k not in defaults]
+    if missing:
+      raise ValueError(f"carried batch in the checkpoint record lacks the fields {missing}")
+    return cls(**{k: np.asarray(record[k]) if k in record else defaults[k]() for k in cls._fields})
+
+
+def generate_in_chunks(model, prompts: list, params: SamplingParams, rng, num_samples: int, size: int,
+                       *, fill: bool = False) -> Rollout:
+  """`generate` over `size` prompts at a time (0: all at once; bounds the KV cache), on host. Chunk i samples
+  with fold_in(rng, i) (rng itself when there is one chunk). `fill`: the last chunk is filled up with repeats
+  of its first prompt (every call one program), whose samples are dropped."""
+  size = size or len(prompts)
+  parts = []
+  for i, start in enumerate(range(0, len(prompts), size)):
+    chunk = list(prompts[start:start + size])
+    real = len(chunk) * num_samples
+    if fill:
+      chunk += [chunk[0]] * (size - len(chunk))
+    key = rng if size >= len(prompts) else jax.random.fold_in(rng, i)
+    out = distributed.to_host(generate(model, chunk, params, key, num_samples=num_samples))
+    parts.append(Rollout(*(np.asarray(x)[:real] for x in out)))
+  return parts[0] if len(parts) == 1 else _concat_fields(Rollout, parts)
+
+
+def score_shared(executor: RewardExecutor, texts: list[str], truths: list) -> list[dict]:
+  """Each process scores its block of the responses; every process gets all the results, in order."""
+  block = distributed.share(len(texts))
+  return distributed.gather_list(executor.score(texts[block], truths[block]))
+
+
+class Rollouts:
+  """Samples `num_samples` responses to each task row's prompt and scores them into a `ScoredBatch`.
+
+  `chunk_size` prompts per sampler call (0: all at once; bounds the KV cache); `fill` fills the last chunk
+  up to the others' size (one program per call; evaluation). `overlong`: the soft length penalty (None: no
+  penalty). Every process passes the same rows and gets the same batch; each scores its block of the
+  responses."""
+
+  def __init__(self, tokenizer: Tokenizer, executor: RewardExecutor, params: SamplingParams, *,
+               num_samples: int, chunk_size: int = 0, fill: bool = False, overlong: OverlongShaping | None = None):
+    if num_samples <= 0:
+      raise ValueError(f"Rollouts: num_samples must be positive, got {num_samples}")
+    self.tokenizer, self.executor, self.params = tokenizer, executor, params
+    self.num_samples, self.chunk_size, self.fill, self.overlong = num_samples, chunk_size, fill, overlong
+
+  def __call__(self, model, rows: list[dict], rng, *, first_group: int = 0,
+               timings: dict | None = None) -> ScoredBatch:
+    """`rows` carry `prompt_ids` and `answer`; their groups get ids first_group, first_group + 1, ..."""
+    timings = {} if timings is None else timings
+    g = self.num_samples
+    t0 = time.perf_counter()
+    out = generate_in_chunks(model, [r["prompt_ids"] for r in rows], self.params, rng, g, self.chunk_size,
+                             fill=self.fill)
+    t1 = time.perf_counter()
+    tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN).astype(bool)
+    texts = [self.tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
+    truths = [rows[i // g]["answer"] for i in range(len(tokens))]
+    results = score_shared(self.executor, texts, truths)
+    lengths = np.asarray(out.lengths_B).astype(np.int32)
+    n = len(tokens)
+    penalty = self.overlong.penalty(lengths) if self.overlong is not None else np.zeros(n)
+    batch = ScoredBatch(
+        prompt_BxP=np.asarray(out.prompt_BxP), prompt_mask_BxP=np.asarray(out.prompt_mask_BxP).astype(bool),
+        tokens_BxN=tokens, mask_BxN=mask, sampler_logp_BxN=np.asarray(out.logprobs_BxN, np.float32),
+        old_logp_BxN=np.zeros(tokens.shape, np.float32), old_logp_known_B=np.zeros(n, bool),
+        lengths_B=lengths, truncated_B=np.asarray(out.truncated_B).astype(bool),
+        score_B=np.asarray([r["score"] for r in results], np.float32),
+        acc_B=np.asarray([float(bool(r["acc"])) for r in results], np.float32),
+        penalty_B=np.asarray(penalty, np.float32),
+        pred_B=_objects([str(r.get("pred", "")) for r in results]),
+        has_pred_B=np.asarray(["pred" in r for r in results], bool),
+        text_B=_objects(texts), truth_B=_objects(truths),
+        group_B=np.repeat(np.arange(first_group, first_group + len(rows), dtype=np.int64), g))
+    timings["timing_s/gen"] = timings.get("timing_s/gen", 0.0) + t1 - t0
+    timings["timing_s/reward"] = timings.get("timing_s/reward", 0.0) + time.perf_counter() - t1
+    return batch
