@@ -100,6 +100,15 @@ def validate(config, mesh=None) -> None:
   _positive_int(config, "checkpoint.every", zero_ok=True, note=" (0: only at the end and on a stop)")
   _positive_int(config, "rollout.gen_chunk_size", zero_ok=True, note=" (0: the whole generation batch at once)")
   _positive_int(config, "eval.chunk_size", zero_ok=True, note=" (0: every problem in one call)")
+  # keep=0 would delete every checkpoint, and the rerun would start over.
+  _positive_int(config, "checkpoint.keep", note=" (the newest checkpoints kept)")
+  _positive_int(config, "data.max_prompt_length")
+  _positive_int(config, "reward.workers", zero_ok=True, note=" (0: score in this process)")
+  if not config.reward.timeout_s > 0:
+    _fail("reward.timeout_s", f"must be > 0 seconds (the per-item scoring limit), got {config.reward.timeout_s}")
+  ds = dynamic_sampling(config)
+  if ds.enable and r.group_size < 2:
+    _fail("rollout.group_size", "dynamic sampling needs groups of at least 2 responses")
   if r.train_batch_size % u.mini_batch_size:
     _fail("actor.mini_batch_size", f"{u.mini_batch_size} does not divide rollout.train_batch_size="
           f"{r.train_batch_size} (both count prompt groups)")
@@ -107,9 +116,6 @@ def validate(config, mesh=None) -> None:
   if mini_rows % u.micro_batch_size:
     _fail("actor.micro_batch_size", f"{u.micro_batch_size} rows do not divide a mini-batch of {mini_rows} rows "
           f"(actor.mini_batch_size x rollout.group_size)")
-  ds = dynamic_sampling(config)
-  if ds.enable and r.group_size < 2:
-    _fail("rollout.group_size", "dynamic sampling needs groups of at least 2 responses")
   overlong(config)
   update_config(config)
   sampling_params(config)

@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from dapo_jax import config_lib
 from dapo_jax.rewards import RewardExecutor
 from dapo_jax.rollout import Rollouts, ScoredBatch
 from dapo_jax.sampling import SamplingParams
@@ -145,7 +146,6 @@ def evaluate_task(model, task, config, rng, executor: RewardExecutor) -> dict[st
   """Training's evaluation on the task's held-out problems (`eval.*`), as `val/` metrics: avg@k as
   `val/acc/mean`, the exact `val/pass@k` and `val/maj@k`, and the reference's bootstrap
   `val/acc/best@k/mean` and `val/acc/maj@k/mean`."""
-  from dapo_jax import config_lib
   e = config.eval
   rows = task.eval_rows[: e.num_problems]
   params = config_lib.sampling_params(config, task.tokenizer, evaluation=True)

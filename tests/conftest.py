@@ -5,8 +5,15 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from configs import default as default_config  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -20,7 +27,6 @@ def data_dir(tmp_path_factory):
 def scored_batch(acc_rows, tag: int, width: int = 3, group_size: int = 2):
   """A ScoredBatch of len(acc_rows) rows whose prompt and response tokens are all `tag` (`width` of them) and
   whose groups of `group_size` get ids tag * 100, tag * 100 + 1, ..."""
-  import numpy as np
   from dapo_jax.rollout import ScoredBatch
   n = len(acc_rows)
   acc = np.asarray(acc_rows, np.float32)
@@ -37,3 +43,67 @@ def scored_batch(acc_rows, tag: int, width: int = 3, group_size: int = 2):
       score_B=2 * acc - 1, acc_B=acc, penalty_B=np.zeros(n, np.float32), pred_B=objects(str(tag)),
       has_pred_B=np.ones(n, bool), text_B=objects(f"response {tag}"), truth_B=objects(str(tag)),
       group_B=np.repeat(np.arange(n // group_size, dtype=np.int64) + tag * 100, group_size))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir, **changes):
+  c = default_config.get_config()
+  c.data.dir = data_dir
+  c.data.task.num_train, c.data.task.num_test = 400, 40
+  c.total_steps = 3
+  c.sft.steps, c.sft.batch_size = 40, 32
+  c.sft.cache = True  # one warm start for every test run of this model (data_dir is the session's)
+  c.model.overrides.num_layers = 2
+  c.rollout.group_size, c.rollout.gen_batch_size, c.rollout.train_batch_size = 4, 8, 4
+  c.actor.mini_batch_size, c.actor.micro_batch_size = 2, 8
+  c.actor.lr = 1e-3
+  c.dynamic_sampling.on_exhausted = "train_on_kept"
+  c.dynamic_sampling.max_num_gen_batches = 2
+  c.eval.num_problems, c.eval.k, c.eval.every = 8, 2, 2
+  c.checkpoint.every = 1
+  c.reward.workers = 0
+  c.reward.name = "tests.rewards:parity_reward"
+  c.log.progress = False
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def config_flags(config, workdir) -> list[str]:
+  """The command-line flags that give `config` to dapo_jax.main."""
+  flags = [f"--workdir={workdir}"]
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        walk(f"{prefix}{k}.", v)
+      else:
+        flags.append(f"--config.{prefix}{k}={v}")
+  walk("", config)
+  return flags
+
+
+def run_main(config, workdir, **popen):
+  """`python -m dapo_jax.main` on `config` in a fresh process (one CPU device, as a user's first try)."""
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  return subprocess.Popen([sys.executable, "-m", "dapo_jax.main", *config_flags(config, workdir)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def final_params(workdir, step):
+  """A checkpoint step's parameters as host arrays, whatever topology wrote it."""
+  from orbax import checkpoint as ocp
+  path = (Path(workdir) / "checkpoints" / str(step) / "state").absolute()
+  ckptr = ocp.StandardCheckpointer()
+  # Onto this process's first device, whatever topology wrote it (another process count, for one).
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  tree = ckptr.metadata(path).item_metadata.tree
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
+  restored = ckptr.restore(path, target)
+  return [np.asarray(x) for x in jax.tree.leaves(restored)]

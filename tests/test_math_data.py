@@ -46,7 +46,9 @@ def test_builders_read_the_real_files(tmp_path_factory, name, split, count):
   if name == "gsm8k" and split == "test":
     assert first["answer"] == "18"  # Janet's ducks
   if name == "dapo_aime24":
-    assert sorted(int(r["answer"]) for r in rows)[:3] == sorted(int(r["answer"]) for r in rows)[:3]
+    # The same 30 AIME 2024 problems as the aime24 file: the same answers.
+    aime = [json.loads(line)["answer"] for line in (SHARED / "aime24" / "test.jsonl").read_text().splitlines()]
+    assert sorted(int(r["answer"]) for r in rows) == sorted(int(a) for a in aime)
     assert all(r["data_source"] == "math_dapo" for r in rows)
 
 
@@ -160,6 +162,46 @@ def test_pass_at_k_and_majority():
                           "pass@4": 0.5}
   no_pred = summarize([{"answer": "4", "results": [{"acc": True}, {"acc": False}]}], k=2)["overall"]
   assert np.isnan(no_pred["maj@2"]) and no_pred["pass@2"] == 1.0
+
+
+def reference_bootstrap(accs, preds, n, seed=42, draws=1000):
+  """verl's process_validation_metrics for one prompt and subset size, as its code runs it: np.random.seed, then
+  `draws` calls of np.random.choice with replacement; the majority is max(vote counts) over a dict in insertion
+  order, scoring the first value of the winning prediction."""
+  out = {}
+  for name, reduce in (("best", np.max), ("worst", np.min)):
+    np.random.seed(seed)
+    vals = [reduce([accs[i] for i in np.random.choice(len(accs), size=n, replace=True)]) for _ in range(draws)]
+    out[f"{name}@{n}/mean"], out[f"{name}@{n}/std"] = np.mean(vals), np.std(vals)
+  np.random.seed(seed)
+  vals = []
+  for _ in range(draws):
+    vote2vals = {}
+    for i in np.random.choice(len(accs), size=n, replace=True):
+      vote2vals.setdefault(preds[i], []).append(accs[i])
+    counts = {k: len(v) for k, v in vote2vals.items()}
+    vals.append(vote2vals[max(counts, key=counts.get)][0])
+  out[f"maj@{n}/mean"], out[f"maj@{n}/std"] = np.mean(vals), np.std(vals)
+  return out
+
+
+def test_bootstrap_estimates_are_the_references():
+  from dapo_jax.evaluation import bootstrap, bootstrap_sizes
+  assert bootstrap_sizes(32) == [2, 4, 8, 16, 32] and bootstrap_sizes(6) == [2, 4, 6] and bootstrap_sizes(1) == []
+  rng = np.random.default_rng(0)
+  for k in (4, 6, 32):
+    accs = [float(a) for a in rng.integers(0, 2, k)]
+    preds = [str(p) for p in rng.integers(0, 3, k)]  # ties in the vote are common with 3 answers
+    for n in bootstrap_sizes(k):
+      got, want = bootstrap(accs, preds, n), reference_bootstrap(accs, preds, n)
+      assert got.keys() == want.keys()
+      np.testing.assert_allclose([got[key] for key in want], [want[key] for key in want], rtol=1e-12)
+  assert "maj@2/mean" not in bootstrap([1.0, 0.0], None, 2)  # no predictions: no vote
+  res = lambda acc, pred: {"acc": acc, "pred": pred}  # noqa: E731
+  s = summarize([{"answer": "4", "results": [res(False, "3"), res(True, "4"), res(True, "4"), res(False, "5")]}], 4)
+  want = {**reference_bootstrap([0.0, 1.0, 1.0, 0.0], ["3", "4", "4", "5"], 2),
+          **reference_bootstrap([0.0, 1.0, 1.0, 0.0], ["3", "4", "4", "5"], 4), "mean@4": 0.5, "std@4": 0.5}
+  assert s["bootstrap"] == pytest.approx(want, rel=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -311,8 +353,8 @@ TEST_DAPO_7B = {
     "rollout.train_batch_size": 512, "rollout.gen_batch_size": 1536, "actor.mini_batch_size": 32,
     "rollout.group_size": 16,  # n_resp_per_prompt
     "actor.kl_coef": 0.0, "actor.clip_low": 0.2, "actor.clip_high": 0.28,
-    "actor.clip_c": 3.0,  # clip_ratio_c not set: verl's default
-    "actor.loss_agg": "token-mean",  # use_token_level_loss=True
+    "actor.clip_c": 10.0,  # clip_ratio_c=10.0
+    "actor.loss_agg": "token-mean",  # loss_agg_mode="token-mean" (then loss_agg_mode=True: a typo, no mode)
     "actor.lr": 1e-6, "actor.warmup_steps": 10, "actor.weight_decay": 0.1, "actor.grad_clip": 1.0,
     "actor.entropy_coef": 0.0,
     "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.top_k": 0,  # top_k=-1: off

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train import ROOT, _final_params, _flags, tiny_config
+from tests.conftest import ROOT, config_flags as _flags, final_params as _final_params, tiny_config
 
 STEPS = 2
 

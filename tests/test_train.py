@@ -18,54 +18,7 @@ from dapo_jax import checkpoint as ckpt_lib
 from dapo_jax import config_lib, sharding
 from dapo_jax.train import train_and_evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def parity_reward(solution_str, ground_truth, **extra):
-  """A deterministic reward that is right about half the time whatever the policy, so that groups disagree
-  and dynamic sampling keeps some even for an untrained policy."""
-  acc = sum(map(ord, solution_str)) % 2 == 0
-  return {"score": 1.0 if acc else -1.0, "acc": acc, "pred": solution_str[-8:]}
-
-
-def tiny_config(data_dir, **changes):
-  c = default_config.get_config()
-  c.data.dir = data_dir
-  c.data.task.num_train, c.data.task.num_test = 400, 40
-  c.total_steps = 3
-  c.sft.steps, c.sft.batch_size = 40, 32
-  c.sft.cache = True  # one warm start for every test run of this model (data_dir is the session's)
-  c.model.overrides.num_layers = 2
-  c.rollout.group_size, c.rollout.gen_batch_size, c.rollout.train_batch_size = 4, 8, 4
-  c.actor.mini_batch_size, c.actor.micro_batch_size = 2, 8
-  c.actor.lr = 1e-3
-  c.dynamic_sampling.on_exhausted = "train_on_kept"
-  c.dynamic_sampling.max_num_gen_batches = 2
-  c.eval.num_problems, c.eval.k, c.eval.every = 8, 2, 2
-  c.checkpoint.every = 1
-  c.reward.workers = 0
-  c.reward.name = "tests.test_train:parity_reward"
-  c.log.progress = False
-  for key, value in changes.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def _flags(config, workdir):
-  flags = [f"--workdir={workdir}"]
-
-  def walk(prefix, node):
-    for k, v in node.items():
-      if hasattr(v, "items"):
-        walk(f"{prefix}{k}.", v)
-      else:
-        flags.append(f"--config.{prefix}{k}={v}")
-  walk("", config)
-  return flags
+from tests.conftest import ROOT, final_params as _final_params, run_main as _run, tiny_config
 
 
 def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir, monkeypatch):
@@ -176,6 +129,10 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again_with_a_corre
     ("overlong.factor", -1.0, "overlong.factor: must be >= 0"),
     ("dynamic_sampling.metric", "reward", "dynamic_sampling.metric: must be one of"),
     ("dynamic_sampling.max_num_gen_batches", -1, "dynamic_sampling.max_num_gen_batches: must be an integer >= 0"),
+    ("checkpoint.keep", 0, "checkpoint.keep: must be a positive integer"),
+    ("data.max_prompt_length", 0, "data.max_prompt_length: must be a positive integer"),
+    ("reward.workers", -1, "reward.workers: must be a non-negative integer"),
+    ("reward.timeout_s", 0.0, "reward.timeout_s: must be > 0 seconds"),
 ])
 def test_config_is_validated_before_anything_is_built(tmp_path, data_dir, field, value, match):
   with pytest.raises(config_lib.ConfigValidationError, match=match):
@@ -243,24 +200,6 @@ def test_carry_over_round_trips_exactly():
   np.testing.assert_array_equal(ckpt_lib._decode(old), np.float32([[1.5, -2.0]]))
 
 
-def _run(config, workdir, **popen):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  return subprocess.Popen([sys.executable, "-m", "dapo_jax.main", *_flags(config, workdir)], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def _final_params(workdir, step):
-  from orbax import checkpoint as ocp
-  path = (Path(workdir) / "checkpoints" / str(step) / "state").absolute()
-  ckptr = ocp.StandardCheckpointer()
-  # Onto this process's first device, whatever topology wrote it (another process count, for one).
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  tree = ckptr.metadata(path).item_metadata.tree
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), tree)
-  restored = ckptr.restore(path, target)
-  return [np.asarray(x) for x in jax.tree.leaves(restored)]
-
-
 def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, data_dir):
   # With a KL term: the resumed run reads back the frozen reference policy its first start wrote.
   config = tiny_config(data_dir, total_steps=4, **{"eval.every": 0, "checkpoint.asynchronous": False,
@@ -287,7 +226,7 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
     steps = [[json.loads(line)["step"] for line in (tmp_path / run / name).read_text().splitlines()]
              for run in ("straight", "killed")]
     assert steps[0] == steps[1] and steps[0][-1] == 4, name
-  rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+  rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()][1:]
   # Step 1 trains with lr 0 (warmup): the policy is still the reference, their KL exactly 0; then it is not.
   assert rows[0]["actor/kl_loss"] == 0.0 and all(r["actor/kl_loss"] > 0 for r in rows[1:])
   assert all(r["actor/kl_coef"] == 0.5 and r["timing_s/ref"] > 0 for r in rows)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dapo_jax import sweeps
-from tests.test_train import ROOT
+from tests.conftest import ROOT
 
 ABLATION = str(ROOT / "configs" / "ablation.py")
 
