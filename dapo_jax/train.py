@@ -182,7 +182,7 @@ def _check_workdir_config(workdir: Path, config) -> None:
   distributed.barrier("read workdir config")  # every process has compared before process 0 rewrites it
   if distributed.is_main():
     saved.write_text(json.dumps(current, indent=2, sort_keys=True))
-    # The whole config as it ran this time (notebooks and `evaluate.load_run` rebuild the run from it).
+    # The whole config as it ran this time (notebooks and `runs.load_run` rebuild the run from it).
     (workdir / "run_config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from dapo_jax import model as M
 from dapo_jax import sharding
@@ -26,10 +27,13 @@ def test_saved_checkpoint_loads_in_transformers_with_same_logits(tmp_path, arch,
                                             original_max_position_embeddings=64) if arch == "llama" else None)
   model = M.init_sharded(cfg, sharding.make_mesh({"fsdp": 4, "tensor": 2}), seed=1)
   M.save_hf(model, tmp_path, max_shard_bytes=shard_bytes)
-  if shard_bytes < 2**40:
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) > 1
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").float()
+  names = sorted(k for k in hf.state_dict() if not (tie and k == "lm_head.weight"))
+  if shard_bytes < 2**40:
+    _check_shards(tmp_path, shard_bytes, names, total=4 * cfg.num_params())
+  else:
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert sorted(_tensor_sizes(tmp_path / "model.safetensors")) == names
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 70)).astype(np.int32)
   np.testing.assert_allclose(hf_logits(hf, tokens), np.asarray(model(jnp.asarray(tokens))), atol=1e-4, rtol=0)
   again, cfg2 = M.load_hf(tmp_path, mesh=ONE)
@@ -38,13 +42,41 @@ def test_saved_checkpoint_loads_in_transformers_with_same_logits(tmp_path, arch,
                              atol=1e-5, rtol=0)  # one device vs a 4x2 mesh: summation order differs
 
 
+def _tensor_sizes(file):
+  """{tensor name: element count} of a safetensors file."""
+  from safetensors import safe_open
+  with safe_open(str(file), "np") as f:
+    return {k: int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()}
+
+
+def _check_shards(path, max_bytes, names, total):
+  """A sharded float32 export: an index naming every tensor once, files model-i-of-n that are exactly the
+  index's, each within max_bytes unless it holds one tensor alone, and total_size the bytes of all tensors."""
+  index = json.loads((path / "model.safetensors.index.json").read_text())
+  files = sorted(p.name for p in path.glob("model-*.safetensors"))
+  n = len(files)
+  assert n > 1 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+  assert sorted(set(index["weight_map"].values())) == files and sorted(index["weight_map"]) == names
+  assert not (path / "model.safetensors").exists()
+  assert index["metadata"]["total_size"] == total
+  for file in files:
+    sizes = _tensor_sizes(path / file)
+    assert sorted(sizes) == sorted(k for k, f in index["weight_map"].items() if f == file)
+    assert 4 * sum(sizes.values()) <= max_bytes or len(sizes) == 1, (file, sizes)
+
+
 def test_bfloat16_save(tmp_path):
+  from safetensors import safe_open
   model = M.init_sharded(M.preset("tiny"), ONE)
   M.save_hf(model, tmp_path, dtype="bfloat16")
   assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+    assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
   back, _ = M.load_hf(tmp_path, dtype="float32", mesh=ONE)
-  a = np.asarray(model.embedding.get_value())
-  np.testing.assert_allclose(np.asarray(back.embedding.get_value()), a, rtol=1e-2, atol=1e-3)
+  # Each weight is its float32 value rounded to the nearest bfloat16, and read back exactly.
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(back))):
+    want = np.asarray(jnp.asarray(a.get_value()).astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(b.get_value()), want, err_msg=str(path))
 
 
 @pytest.fixture(scope="module")
@@ -161,12 +193,13 @@ def test_exporting_twice_into_one_directory_leaves_only_the_new_weights(tmp_path
     np.testing.assert_allclose(np.asarray(M.load_hf(tmp_path, mesh=ONE)[0](jnp.asarray(tokens))), want, atol=1e-5)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager").float()
     np.testing.assert_allclose(hf_logits(hf, tokens), want, atol=1e-4)
-  assert not (tmp_path / "model.safetensors").exists()
+  # The last export is the sharded one: its files and index alone, no single file.
+  _check_shards(tmp_path, 60_000, sorted(hf.state_dict()), total=4 * cfg.num_params())
   umask = os.umask(0)
   os.umask(umask)
   assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.glob("*.safetensors")} == {0o666 & ~umask}
-  assert sorted(p.name for p in tmp_path.glob("model-*")) == [
-      f"model-{i:05d}-of-{n:05d}.safetensors" for n in [len(list(tmp_path.glob("model-*")))] for i in range(1, n + 1)]
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      ["config.json", "model.safetensors.index.json", *(p.name for p in tmp_path.glob("model-*.safetensors"))])
 
 
 def test_a_directory_with_both_weight_layouts_is_refused(good_checkpoint, tmp_path):
@@ -192,5 +225,8 @@ def test_a_tensor_missing_from_the_shard_the_index_names_is_named(good_checkpoin
 
 def test_home_directory_paths_are_expanded(good_checkpoint, monkeypatch):
   monkeypatch.setenv("HOME", str(good_checkpoint.parent))
-  _, cfg = M.load_hf(f"~/{good_checkpoint.name}", mesh=ONE)
-  assert cfg.num_layers == M.load_hf(good_checkpoint, mesh=ONE)[1].num_layers
+  home, cfg = M.load_hf(f"~/{good_checkpoint.name}", mesh=ONE)
+  direct, direct_cfg = M.load_hf(good_checkpoint, mesh=ONE)
+  assert cfg == direct_cfg
+  for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(home)), nnx.to_flat_state(nnx.state(direct))):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))

@@ -1,5 +1,8 @@
 """The policy against transformers on the same random weights, and its own invariants."""
 
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,10 +26,22 @@ def _tokens(b, t, vocab=128, seed=0):
 def test_logits_match_transformers(tmp_path, arch, tie, shards):
   hf = save_tiny_hf_model(tmp_path, arch, tie=tie, max_shard_size=shards)
   if shards:
-    assert (tmp_path / "model.safetensors.index.json").is_file()
-    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    # The sharded layout is really exercised: an index naming every tensor, spread over 3+ files.
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert sorted(set(index["weight_map"].values())) == files and len(files) > 2
+    assert sorted(index["weight_map"]) == sorted(hf.state_dict())
+    assert not (tmp_path / "model.safetensors").exists()
   model, cfg = M.load_hf(tmp_path, dtype="float32")
+  hc = hf.config
   assert cfg.architecture == arch and cfg.tie_word_embeddings == tie
+  assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
+          cfg.rms_norm_eps) == (hc.vocab_size, hc.hidden_size, hc.intermediate_size, hc.num_hidden_layers,
+                                hc.num_attention_heads, hc.num_key_value_heads, hc.rms_norm_eps)
+  if tie:
+    assert not hasattr(model, "lm_head")  # the embedding is the head
+  else:
+    assert model.lm_head.get_value().shape == (cfg.hidden_size, cfg.vocab_size)
   tokens = _tokens(2, 100 if arch == "llama" else 12)  # llama: past the scaling's original context
   ours = np.asarray(model(jnp.asarray(tokens)))
   np.testing.assert_allclose(ours, hf_logits(hf, tokens), atol=1e-4, rtol=0)
@@ -90,6 +105,12 @@ def test_parameter_count_and_presets():
   assert M.preset("qwen2.5-7b").num_params() == 7_615_616_512
   assert M.preset("qwen2.5-32b").num_params() == 32_763_876_352
   assert M.preset("qwen2.5-math-7b").rope_theta == 10000.0
+  # tiny by hand: embedding 256 x 64 (tied); per layer q/k/v 64 x 16 x (4 + 2 + 2), their biases 16 x 8,
+  # o 4 x 16 x 64, gate/up/down 3 x 64 x 128, two norms of 64; the final norm.
+  per_layer = 64 * 16 * 8 + 16 * 8 + 4 * 16 * 64 + 3 * 64 * 128 + 2 * 64
+  assert M.preset("tiny").num_params() == 256 * 64 + 2 * per_layer + 64 == 90_688
+  assert M.preset("tiny", tie_word_embeddings=False).num_params() == M.preset("tiny").num_params() + 64 * 256
+  assert M.preset("tiny", architecture="qwen3").num_params() == M.preset("tiny").num_params() - 2 * 16 * 8 + 2 * 2 * 16
   for name in M.PRESETS:
     cfg = M.preset(name)
     _, abs_state = M.abstract_model(cfg)
@@ -109,11 +130,35 @@ def test_bfloat16_params_and_compute(tmp_path):
   assert err < 0.05 * np.abs(ref).max(), err
 
 
-@pytest.mark.parametrize("field,value", [
-    ("num_heads", 3), ("architecture", "gpt2"), ("dtype", "int8"), ("head_dim", 7)])
-def test_invalid_config_names_the_field(field, value):
-  with pytest.raises(M.ConfigError, match=field if field != "num_heads" else "num_heads"):
+@pytest.mark.parametrize("field,value,message", [
+    ("num_heads", 3, "num_heads=3 is not a multiple of num_kv_heads=2"),
+    ("architecture", "gpt2", "architecture='gpt2' is not supported; choose one of ['llama', 'qwen2', 'qwen3']"),
+    ("dtype", "int8", "dtype='int8' is not one of ('float32', 'bfloat16', 'float16')"),
+    ("param_dtype", "float64", "param_dtype='float64' is not one of ('float32', 'bfloat16', 'float16')"),
+    ("head_dim", 7, "head_dim=7 must be even for rotary embeddings"),
+    ("vocab_size", 0, "vocab_size must be a positive integer, got 0"),
+    ("num_layers", 2.0, "num_layers must be a positive integer, got 2.0"),
+    ("attention_chunk", -1, "attention_chunk must be >= 0, got -1"),
+    ("rope_scaling", M.RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                   original_max_position_embeddings=16),
+     "rope_scaling is only implemented for llama, not qwen2")])
+def test_invalid_config_names_the_field(field, value, message):
+  with pytest.raises(M.ConfigError, match=re.escape(message)):
     M.preset("tiny", **{field: value})
+
+
+def test_other_config_errors():
+  with pytest.raises(M.ConfigError, match=re.escape("hidden_size=64 is not divisible by num_heads=3; set head_dim")):
+    M.ModelConfig(vocab_size=8, hidden_size=64, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=1)
+  with pytest.raises(M.ConfigError, match=re.escape("rope_scaling: need high_freq_factor > low_freq_factor > 0")):
+    M.RopeScaling(factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0, original_max_position_embeddings=16)
+  with pytest.raises(M.ConfigError, match="unknown model preset 'qwen9'"):
+    M.preset("qwen9")
+  # head_dim 0 means hidden_size // num_heads; eos ids given as a list become a tuple (the config is hashable).
+  cfg = M.ModelConfig(vocab_size=8, hidden_size=64, intermediate_size=8, num_layers=1, num_heads=8, num_kv_heads=2,
+                      eos_token_id=[1, 2])
+  assert cfg.head_dim == 8 and cfg.eos_token_id == (1, 2) and hash(cfg) == hash(cfg.replace())
+  assert M.ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 
 @pytest.mark.parametrize("chunk,remat", [(4, False), (8, True), (0, True)])

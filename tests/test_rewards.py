@@ -73,20 +73,32 @@ def test_math_dapo_golden(response, truth, acc, pred):
   assert out["score"] == (1.0 if acc else -1.0)
 
 
-def test_golden_table_is_large_enough():
-  assert len(GOLDEN) >= 40
-
-
 def test_only_the_last_300_characters_count():
   tail = "Answer: 540"
-  assert compute_score("y" * (300 - len(tail)) + tail, "540")["acc"]
-  assert compute_score("Answer: 540" + "z" * 290, "540")["pred"] == "[INVALID]"
+  assert compute_score("y" * (300 - len(tail)) + tail, "540") == {"score": 1.0, "acc": True, "pred": "540"}
+  # An earlier, wrong answer before the window is not read either.
+  assert compute_score("Answer: 7\n" + "y" * (300 - len(tail)) + tail, "7")["pred"] == "540"
+  # 300 characters from "A" on: the line is read, the padding after the number is part of it.
+  assert compute_score("Answer: 540" + "z" * 289, "540")["pred"] == "540" + "z" * 289
+  # 301: the window starts at "nswer:", so there is no answer at all.
+  assert compute_score("Answer: 540" + "z" * 290, "540") == {"score": -1.0, "acc": False, "pred": "[INVALID]"}
 
 
 def test_strict_box_mode():
-  assert compute_score("so \\boxed{540}", "540", strict_box_verify=True)["acc"]
-  assert not compute_score("so \\boxed{540.}", "540", strict_box_verify=True)["acc"]
-  assert compute_score("no box", "540", strict_box_verify=True)["pred"] == "[INVALID]"
+  def strict(text, truth="540"):
+    return compute_score(text, truth, strict_box_verify=True)
+
+  assert strict("so \\boxed{540}") == {"score": 1.0, "acc": True, "pred": "540"}
+  assert strict("so \\boxed{540.}") == {"score": -1.0, "acc": False, "pred": "540."}  # no normalisation
+  assert strict("\\boxed{1} then \\boxed{540}")["pred"] == "540"  # the last box
+  assert strict("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}")["acc"]  # braces matched, not the first "}"
+  assert strict("\\boxed{$540$}")["pred"] == "$540$"
+  assert strict("Answer: 540")["pred"] == "[INVALID]"  # the Answer line is not read in this mode
+  assert strict("no box") == {"score": -1.0, "acc": False, "pred": "[INVALID]"}
+  assert strict("\\boxed{540")["pred"] == "[INVALID]"  # unclosed
+  # Only the last 100 characters are searched.
+  assert strict("\\boxed{540}" + "z" * 89)["acc"]
+  assert strict("\\boxed{540}" + "z" * 90)["pred"] == "[INVALID]"
 
 
 def test_normalizer_pieces():
@@ -94,6 +106,18 @@ def test_normalizer_pieces():
   assert normalize_final_answer("\\sqrt2") == "\\sqrt{2}"
   assert normalize_final_answer("\\textbf{7}") == "7"
   assert normalize_final_answer("\\overline{12}") == "12"
+  assert normalize_final_answer("\\fracabc") == "\\frac{a}{b}c"
+  assert normalize_final_answer("\\sqrtab") == "\\sqrt{a}b"
+  assert normalize_final_answer("\\frac{12}{5}") == "\\frac{12}{5}"
+  assert normalize_final_answer("x = 1 = 2") == "2"
+  assert normalize_final_answer("$1$ or $2$") == "1"  # the first $...$ span replaces the whole answer
+  assert normalize_final_answer("1,2") == "12" and normalize_final_answer("(1,2)") == "(1,2)"  # digits only
+  # Spaces go first, then \\text{and} becomes a comma, and a comma between digits goes: a list reads as a number.
+  assert normalize_final_answer("3 \\text{ and } 4") == "34"
+  # One pass, greedy to the last "}": the outer box goes, the inner one stays (as the reference).
+  assert normalize_final_answer("\\boxed{\\boxed{5}}") == "\\boxed{5}"
+  assert normalize_final_answer("\\boxed{1}+\\boxed{2}") == "1}+\\boxed{2"
+  assert normalize_final_answer("  5  ") == "5" and normalize_final_answer("") == ""
 
 
 def test_registry_and_custom_rewards():
@@ -176,10 +200,12 @@ def test_ctrl_c_in_the_terminal_does_not_kill_the_workers_mid_item():
 
 def test_executor_in_process_mode_and_errors():
   ex = RewardExecutor("math_dapo", workers=0)
-  assert ex.score(["Answer: 2"], ["2"])[0]["acc"]
+  assert ex.score(["Answer: 2", "Answer: 3"], ["2", "2"]) == [
+      {"score": 1.0, "acc": True, "pred": "2"}, {"score": -1.0, "acc": False, "pred": "3"}]
+  assert ex.score([], []) == []
   with pytest.raises(ValueError, match="2 solutions but 1 ground truths"):
     ex.score(["a", "b"], ["1"])
-  with pytest.raises(KeyError):
+  with pytest.raises(KeyError, match="unknown reward 'no_such_reward'"):
     RewardExecutor("no_such_reward")
 
 
@@ -192,5 +218,13 @@ def test_overlong_penalty_reference_vectors():
   np.testing.assert_array_equal(OverlongShaping(max_len=100, buffer=10, filter=True).loss_mask([True, False]),
                                 [0.0, 1.0])
   np.testing.assert_array_equal(OverlongShaping(max_len=100, buffer=10).loss_mask([True, False]), [1.0, 1.0])
-  with pytest.raises(ValueError, match="overlong buffer"):
+  with pytest.raises(ValueError, match=r"overlong\.buffer: 100 must be positive and smaller than "
+                                       r"rollout\.max_response_length=100"):
     OverlongShaping(max_len=100, buffer=100)
+  with pytest.raises(ValueError, match=r"overlong\.buffer: 0 must be positive"):
+    OverlongShaping(max_len=100, buffer=0)
+  assert OverlongShaping(max_len=100, buffer=100, enable=False).penalty([150]).tolist() == [0.0]  # not checked
+  with pytest.raises(ValueError, match=r"overlong\.factor: must be >= 0, got -1"):
+    OverlongShaping(max_len=100, buffer=10, factor=-1)
+  with pytest.raises(ValueError, match=r"rollout\.max_response_length: must be a positive integer, got 0"):
+    OverlongShaping(max_len=0, buffer=10)

@@ -186,13 +186,36 @@ def test_row_local_axes_only_for_meshes_that_split_rows_alone():
   assert sharding.row_local_axes(fsdp, 8, nnx.state(M.init_sharded(cfg, fsdp, seed=0))) == ()
 
 
+def test_pad_prompts_left_pads_to_a_bucket():
+  prompt, mask = pad_prompts([[1, 2, 3], [4]], 9)
+  assert prompt.dtype == np.int32 and mask.dtype == bool and prompt.shape == mask.shape == (2, 16)
+  assert prompt.tolist() == [[9] * 13 + [1, 2, 3], [9] * 15 + [4]]
+  assert mask.tolist() == [[False] * 13 + [True] * 3, [False] * 15 + [True]]
+  assert pad_prompts([[1] * 17], 0)[0].shape == (1, 32)  # the next bucket up
+  assert pad_prompts([[1] * 16], 0)[0].shape == (1, 16)
+  assert pad_prompts([[1, 2]], 0, length=5)[0].tolist() == [[0, 0, 0, 1, 2]]
+  assert sampling.bucket(40_000, sampling.PROMPT_BUCKETS) == 40_000  # past the last bucket: itself
+  with pytest.raises(ValueError, match="pad_prompts: a prompt has 3 tokens, more than the length 2"):
+    pad_prompts([[1, 2, 3]], 0, length=2)
+
+
 def test_invalid_params_are_named():
-  with pytest.raises(ValueError, match="top_p"):
+  with pytest.raises(ValueError, match=r"SamplingParams\.top_p must be in \(0, 1\], got 0\.0"):
     SamplingParams(max_new_tokens=4, top_p=0.0)
-  with pytest.raises(ValueError, match="max_new_tokens"):
+  with pytest.raises(ValueError, match=r"SamplingParams\.top_p must be in \(0, 1\], got 1\.5"):
+    SamplingParams(max_new_tokens=4, top_p=1.5)
+  with pytest.raises(ValueError, match=r"SamplingParams\.max_new_tokens must be positive, got 0"):
     SamplingParams(max_new_tokens=0)
-  with pytest.raises(ValueError, match="empty prompt"):
+  with pytest.raises(ValueError, match=r"SamplingParams\.temperature must be >= 0, got -0\.5"):
+    SamplingParams(max_new_tokens=4, temperature=-0.5)
+  with pytest.raises(ValueError, match=r"SamplingParams\.top_k must be >= 0, got -1"):
+    SamplingParams(max_new_tokens=4, top_k=-1)
+  with pytest.raises(ValueError, match=r"pad_prompts: empty prompt \(a prompt needs at least one token\)"):
     pad_prompts([[1], []], 0)
   model = M.init_sharded(M.preset("tiny", max_position_embeddings=40), ONE)
-  with pytest.raises(ValueError, match="max_position_embeddings 40"):
-    generate(model, [[1] * 30], SamplingParams(max_new_tokens=16), jax.random.key(0))
+  with pytest.raises(ValueError, match="generate: prompt of 25 tokens \\+ max_new_tokens 16 exceeds the model's "
+                                       "max_position_embeddings 40"):
+    generate(model, [[1] * 25, [2] * 3], SamplingParams(max_new_tokens=16), jax.random.key(0))
+  # Exactly at the limit is allowed: the last token sampled sits at position 39.
+  out = generate(model, [[1] * 24], SamplingParams(max_new_tokens=16, temperature=0.0), jax.random.key(0))
+  assert np.asarray(out.lengths_B).tolist() == [16]

@@ -68,6 +68,12 @@ def test_hf_backend_matches_transformers(hf_dir):
   assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
   no_prompt = ours.apply_chat_template(MESSAGES, add_generation_prompt=False)
   assert no_prompt == theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=False)
+  # Ids and text round trips equal transformers' on text the tokenizer was not trained on too.
+  for text in [*CORPUS[:6], "ünïcödé ∑ 🙂", "  two leading spaces", "\n\n\t", "Answer: 42<|im_end|><|endoftext|>", ""]:
+    ids = ours.encode(text)
+    assert ids == theirs(text, add_special_tokens=False)["input_ids"], text
+    assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False) == text
+    assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True), text
 
 
 def test_hf_special_and_stop_ids(hf_dir):
@@ -93,6 +99,8 @@ def test_sentencepiece_backend(sp_dir):
   assert tok.decode(ids) == rendered  # user-defined symbols are not control tokens: kept in decoded text
   assert tok.decode(ids + [tok.eos_id]) == rendered
   assert tok.token_to_id("<never seen>") is None
+  assert tok.vocab_size == 400 and tok.token_to_id("<|im_end|>") == start + 1  # user symbols in order, after 4
+  assert start == 4
   unicode = "ünïcödé ∑"
   assert tok.decode(tok.encode(unicode)) == unicode  # byte fallback: nothing is lost
 
@@ -127,10 +135,23 @@ def test_sandbox_blocks_python_access(hf_dir, tmp_path):
   d = tmp_path / "evil"
   d.mkdir()
   (d / "tokenizer.json").write_text((hf_dir / "tokenizer.json").read_text())
-  (d / "tokenizer_config.json").write_text(json.dumps(
-      {"chat_template": "{{ messages.__class__.__mro__[1].__subclasses__() }}"}))
-  with pytest.raises(Exception, match="unsafe|access"):
-    load_tokenizer(d).apply_chat_template(MESSAGES)
+
+  def render(template):
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return load_tokenizer(d).apply_chat_template(MESSAGES)
+
+  with pytest.raises(TokenizerError, match=r"chat template failed: access to attribute '__class__' of 'list' "
+                                           r"object is unsafe"):
+    render("{{ messages.__class__.__mro__[1].__subclasses__() }}")
+  with pytest.raises(TokenizerError, match=r"access to attribute '__init__' of 'type' object is unsafe"):
+    render("{{ cycler.__init__.__globals__ }}")
+  # The sandbox is immutable: a template cannot change the messages it is given.
+  messages = [dict(m) for m in MESSAGES]
+  (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% set x = messages.pop() %}{{ x }}"}))
+  with pytest.raises(TokenizerError, match=r"access to attribute 'pop' of 'list' object is unsafe"):
+    load_tokenizer(d).apply_chat_template(messages)
+  assert messages == MESSAGES
+  assert render("{{ ''.__class__ }}") == ""  # an unsafe attribute alone is undefined: nothing leaks
 
 
 def test_chat_template_file_wins_over_the_config_field(hf_dir, tmp_path):

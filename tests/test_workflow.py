@@ -83,7 +83,11 @@ def test_one_step_sweep_runs_and_aggregates(sweep_dir):
                                                     __import__("configs.ablation").ablation.rungs()]
   table = json.loads((out_dir / "summary.json").read_text())
   assert [row["finished"] for row in table] == [1] * 6 and all(row["steps"] == 1 for row in table)
-  assert (out_dir / "sweep.png").stat().st_size > 0
+  from PIL import Image
+  plot = Image.open(out_dir / "sweep.png").convert("RGB")
+  assert plot.size == (770, 462)  # sweeps.plot's figure: 7 x 4.2 inches at 110 dpi
+  colors = {c for _, c in plot.getcolors(maxcolors=1 << 20)}
+  assert len({c for c in colors if max(c) - min(c) > 60}) >= 6  # a saturated colour per rung's curve, at least
   assert "| dynamic_sampling_dapo |" in (out_dir / "summary.md").read_text()
   # The rungs share one supervised warm start: made by the first run, reused by the other five.
   assert stdout.count("warm start: reused") == 5
