@@ -140,12 +140,15 @@ def build_policy(config, task: Task, mesh) -> M.Transformer:
   return M.init_sharded(cfg, mesh, seed=config.seed)
 
 
-def warm_start_key(config) -> str:
-  """What determines the warm start's result: the task, tokenizer, model, SFT settings and seed."""
+def warm_start_key(config, mesh=None) -> str:
+  """What determines the warm start's result: the task, tokenizer, model, SFT settings and seed, and the mesh
+  it trains on (another layout sums gradients in another order: other rounding, other weights)."""
   c = config.to_dict()
   parts = {"data": {k: c["data"][k] for k in ("name", "task", "max_prompt_length")}, "tokenizer": c["tokenizer"],
            "model": c["model"], "sft": {k: v for k, v in c["sft"].items() if k != "cache"}, "seed": c["seed"],
            "response_length": c["rollout"]["max_response_length"]}
+  if mesh is not None:
+    parts["mesh"] = {name: int(size) for name, size in dict(mesh.shape).items()}
   return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -159,7 +162,7 @@ def warm_start(config, task: Task, model, mesh, workdir: Path):
   if not s.steps or task.demonstrations is None:
     return model
   log = print if distributed.is_main() else (lambda *_: None)
-  cached = Path(os.path.expanduser(config.data.dir)).absolute() / "warm_start" / warm_start_key(config)
+  cached = Path(os.path.expanduser(config.data.dir)).absolute() / "warm_start" / warm_start_key(config, mesh)
   if s.cache and cached.is_dir():
     graphdef, state = nnx.split(model)
     log(f"warm start: reused {cached}")

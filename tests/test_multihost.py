@@ -52,11 +52,13 @@ def runs(tmp_path_factory, data_dir):
   config.total_steps = STEPS
   _single(config, tmp / "one")
   env = dict(_env(2), NUM_PROCESSES="2", DEVICES_PER_PROC="2", PYTHON=sys.executable, LOG_DIR=str(tmp / "logs"))
-  out = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), *_flags(config, tmp / "two")],
+  # --verbosity=1: each process's start-up line (INFO, hidden by default) says how it joined.
+  out = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), *_flags(config, tmp / "two"),
+                        "--verbosity=1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  logs = "".join((tmp / "logs" / f"proc_{i}.log").read_text()[-2000:] for i in range(2) if
+  logs = "".join((tmp / "logs" / f"proc_{i}.log").read_text() for i in range(2) if
                  (tmp / "logs" / f"proc_{i}.log").is_file())
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs[-4000:]
   return tmp, logs
 
 
