@@ -139,6 +139,7 @@ def evaluate_rows(model, tokenizer, rows, *, k: int, temperature: float, top_p: 
     if rows[j].get("prompt_truncated"):
       s["prompt_truncated"] = True
   summary["truncated_prompts"] = sum(bool(r.get("prompt_truncated")) for r in rows)
+  summary["timeouts"] = int(batch.timeout_B.sum())  # responses scored wrong at the reward's time limit
   return summary
 
 
@@ -156,7 +157,8 @@ def evaluate_task(model, task, config, rng, executor: RewardExecutor) -> dict[st
   overall, boot = summary["overall"], summary["bootstrap"]
   out = {"val/acc/mean": overall[f"avg@{e.k}"], f"val/pass@{e.k}": overall[f"pass@{e.k}"],
          f"val/maj@{e.k}": overall[f"maj@{e.k}"],
-         "val/response_length/mean": float(batch.lengths_B.mean())}
+         "val/response_length/mean": float(batch.lengths_B.mean()),
+         "val/reward/timeouts": float(batch.timeout_B.sum())}
   for key in (f"best@{e.k}/mean", f"maj@{e.k}/mean"):
     out[f"val/acc/{key}"] = boot.get(key, float("nan"))
   return out

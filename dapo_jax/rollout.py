@@ -68,6 +68,7 @@ class ScoredBatch(NamedTuple):
   penalty_B: np.ndarray  # float32, overlong penalty (<= 0)
   pred_B: np.ndarray  # object (str): the answer the reward extracted, "" when it gives none
   has_pred_B: np.ndarray  # bool: the reward gave a prediction (majority votes need one)
+  timeout_B: np.ndarray  # bool: scoring hit the reward's time limit (scored as wrong, counted)
   text_B: np.ndarray  # object (str): the decoded response
   truth_B: np.ndarray  # object: the ground truth
   group_B: np.ndarray  # int64, the prompt group's id (unique within a run)
@@ -115,6 +116,7 @@ class ScoredBatch(NamedTuple):
     defaults = {"old_logp_BxN": lambda: np.zeros(np.shape(record["tokens_BxN"]), np.float32),
                 "old_logp_known_B": lambda: np.zeros(n, bool),
                 "pred_B": lambda: np.full(n, "", object), "has_pred_B": lambda: np.zeros(n, bool),
+                "timeout_B": lambda: np.zeros(n, bool),
                 "group_B": lambda: np.arange(n, dtype=np.int64)}
     missing = [k for k in cls._fields if k not in record and k not in defaults]
     if missing:
@@ -187,6 +189,7 @@ class Rollouts:
         penalty_B=np.asarray(penalty, np.float32),
         pred_B=_objects([str(r.get("pred", "")) for r in results]),
         has_pred_B=np.asarray(["pred" in r for r in results], bool),
+        timeout_B=np.asarray([bool(r.get("timeout")) for r in results], bool),
         text_B=_objects(texts), truth_B=_objects(truths),
         group_B=np.repeat(np.arange(first_group, first_group + len(rows), dtype=np.int64), g))
     timings["timing_s/gen"] = timings.get("timing_s/gen", 0.0) + t1 - t0

@@ -159,7 +159,8 @@ def step_metrics(batch: ScoredBatch, sampled: list[ScoredBatch], adv_B, loss_mas
              "rollout/acc/mean": (float(np.concatenate([s.acc_B for s in sampled]).mean()) if sampled
                                   else float("nan")),
              "response_length/clip_ratio": float(batch.truncated_B.mean()),
-             "critic/overlong_penalty/mean": float(batch.penalty_B.mean()), **timings}
+             "critic/overlong_penalty/mean": float(batch.penalty_B.mean()),
+             "reward/timeouts": float(sum(int(s.timeout_B.sum()) for s in sampled)), **timings}
   metrics["perf/gen_tokens_per_s"] = float(lengths_B.sum()) / max(timings.get("timing_s/gen", 0.0), 1e-9)
   metrics["perf/update_tokens_per_s"] = (float(np.sum(loss_mask_BxN)) /
                                          max(timings.get("timing_s/update_actor", 1e-9), 1e-9))

@@ -1,4 +1,5 @@
-"""Property tests (hypothesis): the math_dapo reward on generated responses, and dynamic sampling's group
+"""Property tests (hypothesis): the math_dapo reward on generated responses, the reward executor on hostile
+answers, and dynamic sampling's group
 accumulator against a plain-Python model of what it must keep, train, carry and report."""
 
 import json
@@ -111,6 +112,48 @@ def test_an_honest_answer_is_right_and_an_off_by_one_answer_wrong(n, style, reas
   boxed = f"{reasoning}\n\\boxed{{{n}}}"
   assert compute_score(boxed, str(n), strict_box_verify=True) == {"score": 1.0, "acc": True, "pred": str(n)}
   assert not compute_score(boxed, str(n + 1), strict_box_verify=True)["acc"]
+
+
+# --- the reward executor on hostile answers -----------------------------------------------------------------
+
+_BIG = st.integers(10, 10**120).map(str)
+_TOWER = st.lists(_BIG, min_size=2, max_size=5).map(lambda xs: "^{".join(xs) + "}" * (len(xs) - 1))
+_HOSTILE = st.one_of(
+    _TOWER,                                                               # 10^{10^{10}} and higher
+    _TOWER.map(lambda t: f"\\sqrt{{2}}^{{{t}}}"),
+    st.tuples(st.integers(10**6, 10**12), st.sampled_from(["!", "!!"])).map(lambda p: f"({p[0]}){p[1]}"),
+    st.tuples(_TOWER, st.integers(1, 30)).map(lambda p: "{" * p[1] + p[0]),  # unbalanced braces
+    st.tuples(_TOWER, st.integers(1, 30)).map(lambda p: p[0] + "}" * p[1]),
+    st.tuples(_BIG, _BIG).map(lambda p: f"\\frac{{{p[0]}^{{{p[1]}}}}}{{{p[1]}!}}"),
+)
+_LIMIT_S, _KILL_AFTER_S = 0.5, 1.0
+
+
+@pytest.fixture(scope="module")
+def verifier():
+  from dapo_jax.rewards import RewardExecutor
+  with RewardExecutor("math_verify", workers=2, timeout_s=_LIMIT_S, kill_after_s=_KILL_AFTER_S) as ex:
+    ex.score(["Answer: 1"] * 2, ["1"] * 2)  # both workers up
+    yield ex
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_HOSTILE, min_size=1, max_size=3), st.lists(st.integers(-10**6, 10**6), min_size=1, max_size=3))
+def test_hostile_answers_return_within_their_limit_and_honest_ones_score_right(verifier, hostile, honest):
+  import time
+  responses = [f"Answer: ${h}$" for h in hostile] + [f"So it is \\boxed{{{n}}}.\nAnswer: ${n}$" for n in honest]
+  truths = ["7"] * len(hostile) + [str(n) for n in honest]
+  order = np.random.default_rng(len(hostile) * 7 + len(honest)).permutation(len(responses))
+  t = time.monotonic()
+  out = verifier.score([responses[i] for i in order], [truths[i] for i in order])
+  took = time.monotonic() - t
+  # Two workers: at worst every hostile item runs to its kill, half of them on each worker, plus the honest ones.
+  bound = -(-len(hostile) // 2) * (_LIMIT_S + _KILL_AFTER_S) + 2.0 + 0.5 * len(honest)
+  assert took < bound, (took, bound)
+  by_item = {int(i): o for i, o in zip(order, out)}
+  assert [by_item[len(hostile) + j]["acc"] for j in range(len(honest))] == [True] * len(honest)
+  assert not any(by_item[j]["acc"] for j in range(len(hostile)))
 
 
 # --- dynamic sampling --------------------------------------------------------------------------------------
@@ -261,3 +304,4 @@ def test_keep_groups_on_rewards(group_size, rows):
   groups = [(r * group_size)[:group_size] for r in rows]
   got = keep_groups(np.asarray([a for g in groups for a in g], np.float64), group_size)
   assert got.tolist() == [len(set(g)) > 1 for g in groups]
+

@@ -137,23 +137,14 @@ def slow_reward(solution_str, ground_truth, **extra):
   return compute_score(solution_str, ground_truth)
 
 
-def test_executor_matches_serial_and_keeps_order():
-  responses = [r for r, *_ in GOLDEN] * 3
-  truths = [t for _, t, *_ in GOLDEN] * 3
-  with RewardExecutor("math_dapo", workers=2, timeout_s=5.0, chunk_size=7) as ex:
-    parallel = ex.score(responses, truths)
-  assert parallel == [compute_score(r, t) for r, t in zip(responses, truths)]
-
-
-def test_executor_times_out_a_hanging_item_only():
-  responses = ["Answer: 1", "hang", "Answer: 3", "Answer: 4"]
-  with RewardExecutor("tests.test_rewards:slow_reward", workers=2, timeout_s=0.5, chunk_size=2) as ex:
-    t = time.monotonic()
-    out = ex.score(responses, ["1", "2", "3", "5"])
-    assert time.monotonic() - t < 20
-  assert [o["acc"] for o in out] == [True, False, True, False]
-  assert out[1]["pred"] == "[TIMEOUT]" and ex.timeouts == 1
-  assert out[3]["pred"] == "4"
+def swallowing_reward(solution_str, ground_truth, **extra):
+  """Catches every Exception around slow work, as math-verify's own error handling does."""
+  try:
+    if solution_str == "hang":
+      time.sleep(60)
+  except Exception:
+    return {"score": -1.0, "acc": False, "pred": "[swallowed]"}
+  return compute_score(solution_str, ground_truth)
 
 
 def deaf_reward(solution_str, ground_truth, **extra):
@@ -165,11 +156,21 @@ def deaf_reward(solution_str, ground_truth, **extra):
   return compute_score(solution_str, ground_truth)
 
 
-def test_watchdog_kills_a_worker_that_ignores_its_alarm():
-  with RewardExecutor("tests.test_rewards:deaf_reward", workers=2, timeout_s=0.2, chunk_size=2,
-                      watchdog_slack_s=3.0) as ex:
-    out = ex.score(["Answer: 1", "evil", "Answer: 3"], ["1", "2", "3"])
-  assert [o["pred"] for o in out] == ["1", "[TIMEOUT]", "3"]
+_FIRST_CALL = []
+
+
+def lazy_import_reward(solution_str, ground_truth, **extra):
+  """Its first call takes 1.5 s (a lazy import, as math-verify's sympy)."""
+  if not _FIRST_CALL:
+    _FIRST_CALL.append(True)
+    time.sleep(1.5)
+  return compute_score(solution_str, ground_truth)
+
+
+def failing_reward(solution_str, ground_truth, **extra):
+  if solution_str == "bad":
+    raise ZeroDivisionError("a bug in the reward")
+  return compute_score(solution_str, ground_truth)
 
 
 def napping_reward(solution_str, ground_truth, **extra):
@@ -177,15 +178,65 @@ def napping_reward(solution_str, ground_truth, **extra):
   return compute_score(solution_str, ground_truth)
 
 
+def test_executor_matches_serial_and_keeps_order():
+  responses = [r for r, *_ in GOLDEN] * 3
+  truths = [t for _, t, *_ in GOLDEN] * 3
+  with RewardExecutor("math_dapo", workers=2, timeout_s=5.0) as ex:
+    parallel = ex.score(responses, truths)
+    assert ex.score(responses[:3], truths[:3]) == parallel[:3]  # the workers live on between batches
+  assert parallel == [compute_score(r, t) for r, t in zip(responses, truths)]
+
+
+@pytest.mark.parametrize("name", ["slow_reward", "swallowing_reward"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_hanging_item_times_out_alone_and_is_counted(name, workers):
+  responses = ["Answer: 1", "hang", "Answer: 3", "Answer: 4"]
+  with RewardExecutor(f"tests.test_rewards:{name}", workers=workers, timeout_s=0.5, kill_after_s=5.0) as ex:
+    ex.score(["Answer: 0"], ["0"])  # workers started
+    t = time.monotonic()
+    out = ex.score(responses, ["1", "2", "3", "5"])
+    assert time.monotonic() - t < 0.5 + 1.5
+  assert [o["acc"] for o in out] == [True, False, True, False]
+  assert out[1] == {"score": -1.0, "acc": False, "pred": "[TIMEOUT]", "timeout": True}
+  assert ex.timeouts == 1 and ex.killed == 0 and out[3]["pred"] == "4"
+
+
+def test_a_worker_deaf_to_its_alarm_is_killed_and_replaced():
+  with RewardExecutor("tests.test_rewards:deaf_reward", workers=2, timeout_s=0.2, kill_after_s=1.0) as ex:
+    ex.score(["Answer: 0"], ["0"])
+    t = time.monotonic()
+    out = ex.score(["Answer: 1", "evil", "Answer: 3", "Answer: 4", "Answer: 5"], ["1", "2", "3", "4", "5"])
+    assert time.monotonic() - t < 0.2 + 1.0 + 1.5
+    assert [o["pred"] for o in out] == ["1", "[TIMEOUT]", "3", "4", "5"]
+    assert ex.killed == 1 and ex.timeouts == 1
+    pids = [w.process.pid for w in ex._workers]
+    assert len(set(pids)) == 2 and all(w.process.is_alive() for w in ex._workers)
+    assert [o["acc"] for o in ex.score(["Answer: 6"] * 4, ["6"] * 4)] == [True] * 4  # the replacement works
+
+
+def test_a_slow_first_import_does_not_run_under_an_items_alarm():
+  with RewardExecutor("tests.test_rewards:lazy_import_reward", workers=1, timeout_s=0.5) as ex:
+    out = ex.score(["Answer: 1", "Answer: 2"], ["1", "2"])
+  assert [o["acc"] for o in out] == [True, True] and ex.timeouts == 0
+
+
+def test_a_reward_that_raises_fails_loudly_naming_the_item():
+  with RewardExecutor("tests.test_rewards:failing_reward", workers=2) as ex:
+    with pytest.raises(RuntimeError, match=r"(?s)failed on item 2 of the batch.*ZeroDivisionError: a bug"):
+      ex.score(["Answer: 1", "Answer: 2", "bad"], ["1", "2", "3"])
+    assert ex.score(["Answer: 1"], ["1"])[0]["acc"]  # usable afterwards
+  with pytest.raises(ZeroDivisionError):
+    RewardExecutor("tests.test_rewards:failing_reward", workers=0).score(["bad"], ["1"])
+
+
 def test_ctrl_c_in_the_terminal_does_not_kill_the_workers_mid_item():
   # Ctrl-C signals the whole process group; the training loop handles it, the workers must carry on.
   import os
   import signal
   import threading
-  with RewardExecutor("tests.test_rewards:napping_reward", workers=2, timeout_s=5.0, chunk_size=1,
-                      watchdog_slack_s=2.0) as ex:
-    ex.score(["Answer: 0"], ["0"])  # starts the pool
-    pids = sorted(p.pid for p in ex._pool._pool)
+  with RewardExecutor("tests.test_rewards:napping_reward", workers=2, timeout_s=5.0, kill_after_s=2.0) as ex:
+    ex.score(["Answer: 0"] * 2, ["0"] * 2)  # starts the workers
+    pids = sorted(w.process.pid for w in ex._workers)
     out = []
     scorer = threading.Thread(target=lambda: out.extend(ex.score(["Answer: 1", "Answer: 2"], ["1", "3"])))
     scorer.start()
@@ -194,8 +245,22 @@ def test_ctrl_c_in_the_terminal_does_not_kill_the_workers_mid_item():
       os.kill(pid, signal.SIGINT)
     scorer.join(30)
     assert [o["pred"] for o in out] == ["1", "2"] and [o["acc"] for o in out] == [True, False]
-    assert ex.timeouts == 0
-    assert sorted(p.pid for p in ex._pool._pool) == pids
+    assert ex.timeouts == 0 and ex.killed == 0
+    assert sorted(w.process.pid for w in ex._workers) == pids
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_math_verify_on_hostile_answers_returns_within_its_limit(workers):
+  hostile = ["Answer: $10^{10^{10}}$", "Answer: $\\sqrt{2}^{10^{100}}$", "Answer: $(10^9)!$"]
+  with RewardExecutor("math_verify", workers=workers, timeout_s=1.0, kill_after_s=2.0) as ex:
+    ex.score(["Answer: 1"] * max(workers, 1), ["1"] * max(workers, 1))
+    t = time.monotonic()
+    out = ex.score(hostile + ["Answer: $\\frac{1}{2}$"], ["1", "2", "3", "0.5"])
+    took = time.monotonic() - t
+  bound = 1.0 + 2.0 + 1.0 if workers else 3 * 1.0 + 1.0
+  assert took < bound * (2 if workers else 1), took
+  assert [o["acc"] for o in out] == [False, False, False, True]
+  assert ex.timeouts == sum(o.get("timeout", False) for o in out) >= 1
 
 
 def test_executor_in_process_mode_and_errors():
@@ -207,6 +272,10 @@ def test_executor_in_process_mode_and_errors():
     ex.score(["a", "b"], ["1"])
   with pytest.raises(KeyError, match="unknown reward 'no_such_reward'"):
     RewardExecutor("no_such_reward")
+  for field, kwargs in [("workers", {"workers": -1}), ("timeout_s", {"timeout_s": 0}),
+                        ("kill_after_s", {"kill_after_s": -1.0})]:
+    with pytest.raises(ValueError, match=f"RewardExecutor.{field}"):
+      RewardExecutor("math_dapo", **kwargs)
 
 
 def test_overlong_penalty_reference_vectors():
