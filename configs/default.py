@@ -69,7 +69,9 @@ def get_config(arg=None):
       {"enable": True, "metric": "acc", "max_num_gen_batches": 10, "on_exhausted": "train_on_kept",
        "carry_over": False})
   c.overlong = ml_collections.ConfigDict({"enable": True, "buffer": 8, "factor": 1.0, "filter": False})
-  c.reward = ml_collections.ConfigDict({"name": "math_dapo", "workers": 2, "timeout_s": 5.0})
+  # timeout_s: each response's scoring limit (timed-out responses score -1 and are counted as
+  # reward/timeouts); a worker still busy kill_after_s later is killed and replaced.
+  c.reward = ml_collections.ConfigDict({"name": "math_dapo", "workers": 2, "timeout_s": 5.0, "kill_after_s": 5.0})
 
   c.actor = ml_collections.ConfigDict()
   c.actor.lr = 2e-4

@@ -80,6 +80,14 @@ def update_config(config) -> UpdateConfig:
       kl_coef=u.kl_coef, entropy_coef=u.entropy_coef), _UPDATE_FIELDS)
 
 
+def reward_executor(config) -> rewards.RewardExecutor:
+  """The reward's executor (`reward.*`); its workers start on first use."""
+  w = config.reward
+  return _built(lambda: rewards.RewardExecutor(w.name, workers=w.workers, timeout_s=w.timeout_s,
+                                               kill_after_s=w.get("kill_after_s", 5.0)),
+                {"RewardExecutor.": "reward."})
+
+
 def _positive_int(config, field: str, *, zero_ok: bool = False, note: str = ""):
   value = config
   for part in field.split("."):
@@ -106,6 +114,9 @@ def validate(config, mesh=None) -> None:
   _positive_int(config, "reward.workers", zero_ok=True, note=" (0: score in this process)")
   if not config.reward.timeout_s > 0:
     _fail("reward.timeout_s", f"must be > 0 seconds (the per-item scoring limit), got {config.reward.timeout_s}")
+  if not config.reward.get("kill_after_s", 5.0) > 0:
+    _fail("reward.kill_after_s", f"must be > 0 seconds (after the limit, a stuck worker is killed), got "
+          f"{config.reward.kill_after_s}, e.g. 5.0")
   ds = dynamic_sampling(config)
   if ds.enable and r.group_size < 2:
     _fail("rollout.group_size", "dynamic sampling needs groups of at least 2 responses")

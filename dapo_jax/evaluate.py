@@ -46,7 +46,8 @@ def main(argv):
     summary = evaluate_rows(model, tokenizer, rows, k=F.k, temperature=F.temperature,
                             top_p=F.top_p, max_new_tokens=F.max_new_tokens or config.rollout.max_response_length,
                             seed=F.seed, reward_name=reward, batch_prompts=config.eval.get("chunk_size", 0) or 8,
-                            workers=config.reward.workers, timeout_s=config.reward.timeout_s)
+                            workers=config.reward.workers, timeout_s=config.reward.timeout_s,
+                            kill_after_s=config.reward.get("kill_after_s", 5.0))
   summary.update(dataset=F.dataset, k=F.k, temperature=F.temperature, top_p=F.top_p, checkpoint=F.checkpoint)
   if distributed.is_main():  # every process has the same summary; one writes it
     out = Path(F.out or Path(F.checkpoint) / f"eval_{F.dataset}_k{F.k}.json")

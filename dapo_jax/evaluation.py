@@ -124,14 +124,14 @@ def score_rows(model, rollouts: Rollouts, rows: list[dict], rng) -> tuple[Scored
 
 def evaluate_rows(model, tokenizer, rows, *, k: int, temperature: float, top_p: float,
                   max_new_tokens: int, seed: int = 0, batch_prompts: int = 8, workers: int = 2,
-                  reward_name: str = "math_dapo", timeout_s: float = 5.0) -> dict:
+                  reward_name: str = "math_dapo", timeout_s: float = 5.0, kill_after_s: float = 5.0) -> dict:
   """The summary (`summarize`) of k samples to each row's prompt, `batch_prompts` prompts per sampler call
   (chunk i with fold_in(key(seed), i), as training's evaluation), with a sample response per problem. Every
   process samples its share of each call's rows and scores its block of the responses; all get the summary."""
   import jax
   params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
-  with RewardExecutor(reward_name, workers=workers, timeout_s=timeout_s) as executor:
+  with RewardExecutor(reward_name, workers=workers, timeout_s=timeout_s, kill_after_s=kill_after_s) as executor:
     rollouts = Rollouts(tokenizer, executor, params, num_samples=k, chunk_size=batch_prompts, fill=True)
     batch, summary = score_rows(model, rollouts, rows, jax.random.key(seed))
   for j, s in enumerate(summary["problems"]):

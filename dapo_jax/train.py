@@ -12,6 +12,7 @@ so a killed run continues bitwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -35,9 +36,8 @@ from dapo_jax.advantages import group_advantages
 from dapo_jax.dynamic_sampling import GroupAccumulator, pad_rows
 from dapo_jax.evaluation import evaluate_task
 from dapo_jax.metrics import MetricWriter, Progress, plot_run, read_metrics, read_samples
-from dapo_jax.rewards import RewardExecutor
 from dapo_jax.rollout import Rollouts, ScoredBatch
-from dapo_jax.train_step import Batch, Trainer
+from dapo_jax.train_step import Batch, NonFiniteError, Trainer
 
 class _Stop:
   """Set by SIGTERM / SIGINT: finish the step, checkpoint, exit."""
@@ -221,133 +221,164 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   task = tasks.build(config, workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
                                        asynchronous=config.checkpoint.asynchronous)
-  model = tasks.build_policy(config, task, mesh)
-  trainer = Trainer(model, config_lib.update_config(config), mesh)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          jax.eval_shape(trainer.init_state, model), trainer.state_shardings)
-  strategy = config_lib.dynamic_sampling(config)
-  accumulator = GroupAccumulator(strategy, g)
-  overlong = config_lib.overlong(config)
-  iterator = task.train_iterator(config.seed)
-  restored = checkpointer.restore_latest(abstract)
-  with jax.set_mesh(mesh):
-    if restored is None:
-      model = tasks.warm_start(config, task, model, mesh, workdir)
-      state = trainer.init_state(model)
-      step = 0
-      # Written before checkpoint 0: a run that has a checkpoint has its reference policy.
-      ref_params = reference_policy(trainer, state, workdir, fresh=True) if trainer.cfg.kl_coef else None
-      checkpointer.save(0, state, {"data": iterator.state(), "carry": accumulator.state()}, wait=True)
-    else:
-      step, state, record = restored
-      iterator.restore(record["data"])
-      accumulator.restore(record["carry"])
-      logging.info("resumed from %s at step %d", checkpointer.directory, step)
-      if is_main:
-        print(f"resumed from checkpoint step {step}")
-      ref_params = reference_policy(trainer, state, workdir, fresh=False) if trainer.cfg.kl_coef else None
-  log = config.log
-  wandb = ({"project": log.get("wandb_project", "dapo_jax"), "mode": log.get("wandb_mode", ""),
-            "config": config.to_dict()} if log.get("wandb", False) else None)
-  writer = MetricWriter(workdir, enabled=is_main, resume_from=None if restored is None else step, wandb=wandb)
-  if restored is not None:
-    _recover_step_log(writer, workdir, step, record, is_main)
+  with contextlib.ExitStack() as cleanup:
+    # Whatever ends the run, the checkpoints it started finish writing and the logs are flushed.
+    cleanup.callback(checkpointer.close)
+    model = tasks.build_policy(config, task, mesh)
+    trainer = Trainer(model, config_lib.update_config(config), mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            jax.eval_shape(trainer.init_state, model), trainer.state_shardings)
+    strategy = config_lib.dynamic_sampling(config)
+    accumulator = GroupAccumulator(strategy, g)
+    overlong = config_lib.overlong(config)
+    iterator = task.train_iterator(config.seed)
+    restored = checkpointer.restore_latest(abstract)
+    with jax.set_mesh(mesh):
+      if restored is None:
+        model = tasks.warm_start(config, task, model, mesh, workdir)
+        state = trainer.init_state(model)
+        step = 0
+        # Written before checkpoint 0: a run that has a checkpoint has its reference policy.
+        ref_params = reference_policy(trainer, state, workdir, fresh=True) if trainer.cfg.kl_coef else None
+        checkpointer.save(0, state, {"data": iterator.state(), "carry": accumulator.state()}, wait=True)
+      else:
+        step, state, record = restored
+        iterator.restore(record["data"])
+        accumulator.restore(record["carry"])
+        logging.info("resumed from %s at step %d", checkpointer.directory, step)
+        if is_main:
+          print(f"resumed from checkpoint step {step}")
+        ref_params = reference_policy(trainer, state, workdir, fresh=False) if trainer.cfg.kl_coef else None
+    log = config.log
+    wandb = ({"project": log.get("wandb_project", "dapo_jax"), "mode": log.get("wandb_mode", ""),
+              "config": config.to_dict()} if log.get("wandb", False) else None)
+    writer = MetricWriter(workdir, enabled=is_main, resume_from=None if restored is None else step, wandb=wandb)
+    cleanup.callback(writer.close)
+    if restored is not None:
+      _recover_step_log(writer, workdir, step, record, is_main)
 
-  last_eval: dict[str, float] = {}
-  prompts = strategy.gen_batch_prompts
-  if prompts != r.gen_batch_size:
-    logging.info("dynamic sampling is off: generation batches of rollout.train_batch_size=%d prompts (every group "
-                 "is kept), not rollout.gen_batch_size=%d", prompts, r.gen_batch_size)
-  rows = r.train_batch_size * g  # the update's rows
-  progress = Progress(config.total_steps, step, enabled=config.log.progress and is_main)
-  with RewardExecutor(config.reward.name, workers=config.reward.workers,
-                      timeout_s=config.reward.timeout_s) as executor, _Stop() as stop, jax.set_mesh(mesh):
-    rollouts = Rollouts(task.tokenizer, executor, config_lib.sampling_params(config, task.tokenizer),
-                        num_samples=g, chunk_size=r.gen_chunk_size, overlong=overlong)
+    last_eval: dict[str, float] = {}
+    prompts = strategy.gen_batch_prompts
+    if prompts != r.gen_batch_size:
+      logging.info("dynamic sampling is off: generation batches of rollout.train_batch_size=%d prompts (every group "
+                   "is kept), not rollout.gen_batch_size=%d", prompts, r.gen_batch_size)
+    rows = r.train_batch_size * g  # the update's rows
+    progress = Progress(config.total_steps, step, enabled=config.log.progress and is_main)
+    with config_lib.reward_executor(config) as executor, _Stop() as stop, jax.set_mesh(mesh):
+      rollouts = Rollouts(task.tokenizer, executor, config_lib.sampling_params(config, task.tokenizer),
+                          num_samples=g, chunk_size=r.gen_chunk_size, overlong=overlong)
 
-    def evaluate(at_step):
-      return evaluate_task(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9 + at_step),
-                           executor)
+      def evaluate(at_step):
+        return evaluate_task(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9 + at_step),
+                             executor)
 
-    if step == 0 and config.eval.before_train:
-      last_eval = evaluate(0)
-      writer.write(0, last_eval)
-      if is_main:
-        print(f"step 0: held-out avg@{config.eval.k} {last_eval['val/acc/mean']:.3f}")
-    stopping = False
-    while step < config.total_steps and not stopping:
-      timings = {}
-      t_step = time.perf_counter()
-      policy = trainer.model(state)
+      if step == 0 and config.eval.before_train:
+        last_eval = evaluate(0)
+        writer.write(0, last_eval)
+        if is_main:
+          print(f"step 0: held-out avg@{config.eval.k} {last_eval['val/acc/mean']:.3f}")
+      stopping = False
+      while step < config.total_steps and not stopping:
+        timings = {}
+        t_step = time.perf_counter()
+        policy = trainer.model(state)
 
-      # prompt -> rollout -> reward -> filter: generation batches until the kept groups fill the batch.
-      sampled = []
-      while not accumulator.ready:
-        gen_index = len(sampled)
-        # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
-        prompt_rows = distributed.gather_list(iterator.next_batch(prompts))
-        rng = jax.random.fold_in(jax.random.fold_in(base_key, step), gen_index)
-        # Group ids unique within the run: the step, then the group's place in the step's generation batches.
-        sampled.append(rollouts(policy, prompt_rows, rng, first_group=step * 2**24 + gen_index * prompts,
-                                timings=timings))
-        accumulator.add(sampled[-1])
-      batch, ds_metrics = accumulator.take()
+        # prompt -> rollout -> reward -> filter: generation batches until the kept groups fill the batch.
+        sampled = []
+        while not accumulator.ready:
+          gen_index = len(sampled)
+          # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
+          prompt_rows = distributed.gather_list(iterator.next_batch(prompts))
+          rng = jax.random.fold_in(jax.random.fold_in(base_key, step), gen_index)
+          # Group ids unique within the run: the step, then the group's place in the step's generation batches.
+          sampled.append(rollouts(policy, prompt_rows, rng, first_group=step * 2**24 + gen_index * prompts,
+                                  timings=timings))
+          _check_finite_rollout(sampled[-1], step + 1, config, checkpointer)  # before the filter reads it
+          accumulator.add(sampled[-1])
+        batch, ds_metrics = accumulator.take()
 
-      # advantage, and the loss mask of overlong filtering
-      with _timed(timings, "adv"):
-        adv_B = group_advantages(batch.reward_B, g)
-        loss_mask_BxN = batch.mask_BxN * overlong.loss_mask(batch.truncated_B)[:, None]
-        sharded = trainer.shard_batch(update_batch(batch, adv_B, loss_mask_BxN, rows))
-      if not config.actor.reuse_sampler_logprobs:
-        with _timed(timings, "old_log_prob"):
-          sharded, diff = behaviour_logprobs(trainer, state.params, sharded, batch)
-          ds_metrics.update(distributed.to_host(diff))
-          # The groups carried into the next step get theirs now, while these weights exist.
-          accumulator.compute_carried_logprobs(_carried_logprobs_fn(trainer, state.params, rows), rows)
-      if ref_params is not None:
-        with _timed(timings, "ref"):
-          sharded = sharded._replace(ref_logp_BxN=jax.block_until_ready(trainer.logprobs(ref_params, sharded)))
+        # advantage, and the loss mask of overlong filtering
+        with _timed(timings, "adv"):
+          adv_B = group_advantages(batch.reward_B, g)
+          loss_mask_BxN = batch.mask_BxN * overlong.loss_mask(batch.truncated_B)[:, None]
+          sharded = trainer.shard_batch(update_batch(batch, adv_B, loss_mask_BxN, rows))
+        if not config.actor.reuse_sampler_logprobs:
+          with _timed(timings, "old_log_prob"):
+            sharded, diff = behaviour_logprobs(trainer, state.params, sharded, batch)
+            ds_metrics.update(distributed.to_host(diff))
+            # The groups carried into the next step get theirs now, while these weights exist.
+            accumulator.compute_carried_logprobs(_carried_logprobs_fn(trainer, state.params, rows), rows)
+        if ref_params is not None:
+          with _timed(timings, "ref"):
+            sharded = sharded._replace(ref_logp_BxN=jax.block_until_ready(trainer.logprobs(ref_params, sharded)))
 
-      # loss -> update
-      with _timed(timings, "update_actor"):
-        state, actor = trainer.update(state, sharded)
-        actor = distributed.to_host(actor)
-      step += 1
-      metrics = {**ds_metrics, **step_metrics(batch, sampled, adv_B, loss_mask_BxN, actor, timings)}
+        # loss -> update
+        with _timed(timings, "update_actor"):
+          state, actor = trainer.update(state, sharded)
+          actor = distributed.to_host(actor)
+        step += 1
+        _check_finite_update(actor, step, config, checkpointer)  # before this step's state is saved
+        metrics = {**ds_metrics, **step_metrics(batch, sampled, adv_B, loss_mask_BxN, actor, timings)}
 
-      if config.eval.every and (step % config.eval.every == 0 or step == config.total_steps):
-        with _timed(metrics, "testing"):
-          last_eval = evaluate(step)
-        metrics.update(last_eval)
+        if config.eval.every and (step % config.eval.every == 0 or step == config.total_steps):
+          with _timed(metrics, "testing"):
+            last_eval = evaluate(step)
+          metrics.update(last_eval)
 
-      # checkpoint. The flag is read once a step, and agreed by all processes: the checkpoint here and the
-      # loop's exit follow the same reading (read twice, a signal between the reads ended the run one step past
-      # its last checkpoint), and no process stops while another goes on into the next step's collectives.
-      stopping = stop.agreed()
-      every = config.checkpoint.every  # 0: only at the end and on a stop
-      sample_lines = _sample_lines(step, batch, config.log.samples_per_step)
-      if (every and step % every == 0) or step == config.total_steps or stopping:
-        # The step's log rows go into the checkpoint too: a run killed after the save but before it wrote
-        # them gets them back when it resumes here (`_recover_step_log`).
-        row = {k: float(v) for k, v in metrics.items()}
-        log = {"metrics": json.dumps({**row, "timing_s/step": time.perf_counter() - t_step}),
-               "samples": sample_lines}
-        with _timed(metrics, "save_checkpoint"):
-          checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state(), "log": log},
-                            wait=stopping)
-      metrics["timing_s/step"] = time.perf_counter() - t_step
-      writer.write(step, metrics)
-      if is_main and sample_lines:
-        with open(workdir / "samples.jsonl", "a") as f:
-          f.writelines(sample_lines)
-      progress.update(step, metrics, {"val/acc/mean": "val_acc", "rollout/acc/mean": "acc",
-                                      "critic/score/mean": "score", "actor/entropy": "entropy"})
+        # checkpoint. The flag is read once a step, and agreed by all processes: the checkpoint here and the
+        # loop's exit follow the same reading (read twice, a signal between the reads ended the run one step past
+        # its last checkpoint), and no process stops while another goes on into the next step's collectives.
+        stopping = stop.agreed()
+        every = config.checkpoint.every  # 0: only at the end and on a stop
+        sample_lines = _sample_lines(step, batch, config.log.samples_per_step)
+        if (every and step % every == 0) or step == config.total_steps or stopping:
+          # The step's log rows go into the checkpoint too: a run killed after the save but before it wrote
+          # them gets them back when it resumes here (`_recover_step_log`).
+          row = {k: float(v) for k, v in metrics.items()}
+          log = {"metrics": json.dumps({**row, "timing_s/step": time.perf_counter() - t_step}),
+                 "samples": sample_lines}
+          with _timed(metrics, "save_checkpoint"):
+            checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state(), "log": log},
+                              wait=stopping)
+        metrics["timing_s/step"] = time.perf_counter() - t_step
+        writer.write(step, metrics)
+        if is_main and sample_lines:
+          with open(workdir / "samples.jsonl", "a") as f:
+            f.writelines(sample_lines)
+        progress.update(step, metrics, {"val/acc/mean": "val_acc", "rollout/acc/mean": "acc",
+                                        "critic/score/mean": "score", "actor/entropy": "entropy"})
 
-  checkpointer.close()
-  writer.close()
   if is_main:
     plot_run(workdir)
   return last_eval
+
+
+def _diverged(step: int, what: str, config, checkpointer) -> NonFiniteError:
+  steps = checkpointer.steps()
+  newest = (f"The newest checkpoint is step {steps[-1]} in {checkpointer.directory} (written before this step; "
+            f"if the weights went bad in its update, resume from an earlier one: delete the later step "
+            f"directories)") if steps else "No checkpoint was written"
+  return NonFiniteError(
+      f"step {step}: {what}; the run stops rather than train on NaN. Likely cause: a learning rate too high for "
+      f"this model (actor.lr={config.actor.lr:g}; try --config.actor.lr={config.actor.lr / 10:g}), or bf16 "
+      f"overflow (model.dtype). {newest}.")
+
+
+def _check_finite_rollout(batch: ScoredBatch, step: int, config, checkpointer) -> None:
+  """Non-finite log-probs of the sampled tokens mean non-finite logits: the weights no longer work."""
+  bad = ~np.isfinite(batch.sampler_logp_BxN) & batch.mask_BxN
+  if bad.any():
+    raise _diverged(step, f"the policy's log-probs of {int(bad.sum())} of {int(batch.mask_BxN.sum())} sampled "
+                    f"tokens are not finite (NaN or inf logits)", config, checkpointer)
+
+
+def _check_finite_update(actor: dict, step: int, config, checkpointer) -> None:
+  if not actor["actor/params_finite"]:
+    raise _diverged(step, "the weights are not finite after the update", config, checkpointer)
+  if actor["actor/applied_updates"] == 0 and actor["actor/skipped_updates"] > 0:
+    raise _diverged(step, f"all {int(actor['actor/skipped_updates'])} updates were skipped: their gradients or "
+                    f"updated weights were not finite (actor/grad_norm={actor['actor/grad_norm']})", config,
+                    checkpointer)
 
 
 def _sample_lines(step: int, batch: ScoredBatch, n: int) -> list[str]:

@@ -109,6 +109,16 @@ def sequence_logprobs(model: Transformer, prompt_BxP, prompt_mask_BxP, tokens_Bx
   return logp_BxN, (logits_BxNxV if with_logits else None)
 
 
+class NonFiniteError(FloatingPointError):
+  """The run's weights, log-probs or updates stopped being finite: it stops rather than train on NaN."""
+
+
+def all_finite(tree) -> jax.Array:
+  """True iff every element of every floating leaf is finite (a scalar bool)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 class TrainState(NamedTuple):
   params: Any  # nnx.State of the policy's Params
   opt: Any
@@ -269,6 +279,8 @@ class Trainer:
       grads = jax.tree.map(lambda g: g * scale, grads)
       step_updates, new_opt = tx.update(grads, opt, params)
       new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, step_updates)
+      # A finite gradient can still overflow the weights (a huge learning rate, bf16): not applied either.
+      finite = finite & all_finite(new_params)
       apply = finite & active
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)  # noqa: E731
       carry = (keep(new_params, params), keep(new_opt, opt), updates + apply.astype(jnp.int32),
@@ -285,4 +297,6 @@ class Trainer:
     if cfg.kl_coef:
       metrics["actor/kl_coef"] = jnp.asarray(cfg.kl_coef, jnp.float32)
     metrics["actor/skipped_updates"] = (skipped - state.skipped).astype(jnp.float32)
+    metrics["actor/applied_updates"] = (updates - state.updates).astype(jnp.float32)
+    metrics["actor/params_finite"] = all_finite(params).astype(jnp.float32)
     return TrainState(params, opt, state.step + 1, updates, skipped), metrics

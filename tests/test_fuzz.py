@@ -1,6 +1,6 @@
 """Property tests (hypothesis): the math_dapo reward on generated responses, the reward executor on hostile
-answers, and dynamic sampling's group
-accumulator against a plain-Python model of what it must keep, train, carry and report."""
+answers, and dynamic sampling's group accumulator against a plain-Python model of what it must keep, train,
+carry and report."""
 
 import json
 import math

@@ -16,7 +16,9 @@ import pytest
 from configs import default as default_config
 from dapo_jax import checkpoint as ckpt_lib
 from dapo_jax import config_lib, sharding
+from dapo_jax.metrics import read_metrics
 from dapo_jax.train import train_and_evaluate
+from dapo_jax.train_step import NonFiniteError
 
 from tests.conftest import ROOT, final_params as _final_params, run_main as _run, tiny_config
 
@@ -138,6 +140,20 @@ def test_config_is_validated_before_anything_is_built(tmp_path, data_dir, field,
   with pytest.raises(config_lib.ConfigValidationError, match=match):
     train_and_evaluate(tiny_config(data_dir, **{field: value}), str(tmp_path / "run"))
   assert not any(tmp_path.iterdir())  # nothing written: the corrected command starts afresh
+
+
+def test_a_diverging_run_stops_naming_the_step_and_the_cause_and_saves_nothing_non_finite(tmp_path, data_dir):
+  # lr 1e10: the first update's gradient is finite, the weights it gives are not usable (NaN logits after).
+  config = tiny_config(data_dir, **{"actor.lr": 1e10, "actor.warmup_steps": 0, "eval.every": 0,
+                                    "total_steps": 4})
+  with pytest.raises(NonFiniteError, match=r"^step [12]: .*(not finite|skipped).*actor\.lr=1e\+10; try "
+                                           r"--config\.actor\.lr=1e\+09.*The newest checkpoint is step [01]"):
+    train_and_evaluate(config, str(tmp_path))
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] <= 1
+  for step in steps:
+    assert all(np.isfinite(x).all() for x in _final_params(tmp_path, step))
+  assert max(r["step"] for r in read_metrics(tmp_path)) <= steps[-1]  # the failing step logged nothing
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, data_dir, monkeypatch):

@@ -1,6 +1,7 @@
 """The update step: micro-batched == whole, sharded == one device, AdamW/clipping/warmup/skip as the reference."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -110,9 +111,15 @@ def test_non_finite_update_is_skipped_and_no_recompilation():
   assert int(state.skipped) == 1 and int(state.updates) == 1 and float(m["actor/skipped_updates"]) == 1.0
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
   assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree.leaves(state.params)))
-  state, _ = t.update(state, t.shard_batch(batch))
-  state, _ = t.update(state, t.shard_batch(batch))
-  assert t.update._cache_size() == 1 and int(state.step) == 3
+  state, m = t.update(state, t.shard_batch(batch))
+  assert float(m["actor/applied_updates"]) == 2.0 and float(m["actor/params_finite"]) == 1.0
+  # Weights already broken (a bad checkpoint): every update is skipped, and the metric says so.
+  leaves, tree = jax.tree.flatten(state.params)
+  broken = state._replace(params=jax.tree.unflatten(tree, [leaves[0] * jnp.nan] + leaves[1:]))
+  _, m = t.update(broken, t.shard_batch(batch))
+  assert float(m["actor/params_finite"]) == 0.0 and float(m["actor/applied_updates"]) == 0.0
+  assert float(m["actor/skipped_updates"]) == 2.0
+  assert t.update._cache_size() == 1
 
 
 def test_a_short_batch_padded_trains_as_its_own_mini_batches_without_a_new_program():
