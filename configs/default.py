@@ -36,6 +36,7 @@ def get_config(arg=None):
   c.data.source_dir = "../shared/data"
   c.data.train, c.data.train_split, c.data.eval, c.data.eval_split = "gsm8k", "train", "gsm8k", "test"
   c.data.dedup = True
+  c.data.skip_bad_rows = False  # True: rows with an empty problem or answer (and other bad rows) skipped, counted
   c.data.task = ml_collections.ConfigDict(
       {"digits": 2, "num_train": 4000, "num_test": 200, "error_rate": 0.2, "seed": 0})
 

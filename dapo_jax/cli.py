@@ -46,11 +46,29 @@ def checkpoint_config():
   import json
   from pathlib import Path
   import ml_collections
+  from ml_collections import config_flags
   F = flags.FLAGS
   run_config = Path(F.checkpoint).expanduser() / "run_config.json"
   if run_config.is_file() and not F["config"].present:
-    return ml_collections.ConfigDict(json.loads(run_config.read_text())), run_config
+    config = ml_collections.ConfigDict(json.loads(run_config.read_text()))
+    for field, value in config_flags.get_override_values(F["config"]).items():
+      apply_override(config, field, value, run_config)
+    return config, run_config
   return F.config, None
+
+
+def apply_override(config, field: str, value, source) -> None:
+  """`--config.<field>=value` onto a config read from `source`; a field it lacks is refused, not dropped."""
+  *parents, leaf = field.split(".")
+  node = config
+  for part in parents:
+    if part not in node or not hasattr(node[part], "items"):
+      raise SystemExit(f"--config.{field}: {source} has no field {field!r}; its sections: {sorted(config)}")
+    node = node[part]
+  if leaf not in node:
+    where = ".".join(parents) or "the top level"
+    raise SystemExit(f"--config.{field}: {source} has no field {field!r} (in {where}: {sorted(node)})")
+  node[leaf] = value
 
 
 def start_checkpoint_program():

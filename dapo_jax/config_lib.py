@@ -137,10 +137,24 @@ def validate(config, mesh=None) -> None:
     if config.eval.k <= 0 or config.eval.num_problems <= 0:
       _fail("eval", f"k and num_problems must be positive, got k={config.eval.k}, "
             f"num_problems={config.eval.num_problems}")
+  if config.data.name == "math":
+    _validate_math_data(config.data)
   if config.reward.name not in rewards.names() and ":" not in config.reward.name:
     _fail("reward.name", f"unknown reward {config.reward.name!r}; registered: {rewards.names()}")
   if mesh is not None:
     _validate_mesh(config, ds, mesh)
+
+
+def _validate_math_data(d) -> None:
+  from dapo_jax.data.math_datasets import SOURCES  # imports TFDS: only for real data
+  for name_field, split_field in (("train", "train_split"), ("eval", "eval_split")):
+    name, split = d[name_field], d[split_field]
+    if name not in SOURCES:
+      _fail(f"data.{name_field}", f"unknown data set {name!r}; known: {sorted(SOURCES)}")
+    splits = sorted(SOURCES[name][1])
+    if split not in splits:
+      _fail(f"data.{split_field}", f"data set {name!r} has no split {split!r}; it has {splits}, e.g. "
+            f"--config.data.{split_field}={splits[0]}")
 
 
 def _validate_mesh(config, ds: DynamicSampling, mesh) -> None:

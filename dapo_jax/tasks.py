@@ -90,7 +90,8 @@ def _math(config, workdir: Path) -> Task:
   def rows(name, split, dedup):
     nonlocal truncated
     out = []
-    for r in md.read_builder_split(md.math_builder(name, d.source_dir, data_dir, dedup=dedup), split):
+    builder = md.math_builder(name, d.source_dir, data_dir, dedup=dedup, skip_bad_rows=d.get("skip_bad_rows", False))
+    for r in md.read_builder_split(builder, split):
       ids, cut = encode_prompt(tok, r["messages"], d.max_prompt_length)
       truncated += cut
       out.append({**r, "prompt_ids": ids})

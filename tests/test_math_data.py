@@ -136,6 +136,45 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     md.read_source("aime24", "test", tmp_path)
 
 
+def test_rows_an_empty_response_would_match_are_refused_with_file_and_line_or_skipped_and_counted(tmp_path,
+                                                                                                  caplog):
+  path = tmp_path / "test.jsonl"
+  good = '{"problem": "1+1", "answer": "2"}\n'
+  for body, match in [('{"problem": "2+2", "answer": ""}\n', r"test.jsonl:2: field 'answer' is empty"),
+                      ('{"problem": "2+2", "answer": "  "}\n', r"test.jsonl:2: field 'answer' is empty"),
+                      ('{"problem": "", "answer": "4"}\n', r"test.jsonl:2: field 'problem' is empty"),
+                      ('{"problem": "caf\xe9", "answer": "4"}\n', r"test.jsonl:2: not valid UTF-8 \(byte 16")]:
+    path.write_bytes((good + body + good).encode("latin-1"))
+    with pytest.raises(md.DataError, match=match + r".*data.skip_bad_rows=True skips"):
+      md.read_jsonl(path, "problem", "answer", "x")
+    with caplog.at_level("WARNING"):
+      rows = md.read_jsonl(path, "problem", "answer", "x", skip_bad_rows=True)
+    assert [r["answer"] for r in rows] == ["2", "2"] and [r["index"] for r in rows] == [0, 1]
+    assert "skipped 1 bad rows (data.skip_bad_rows), kept 2" in caplog.text
+  path.write_text("")
+  with pytest.raises(md.DataError, match=r"test.jsonl: no usable rows \(the file is empty\)"):
+    md.read_jsonl(path, "problem", "answer", "x")
+  path.write_text('{"problem": "", "answer": "4"}\n')
+  with pytest.raises(md.DataError, match=r"test.jsonl: no usable rows \(1 bad\)"):
+    md.read_jsonl(path, "problem", "answer", "x", skip_bad_rows=True)
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  msg = [{"role": "user", "content": "q"}]
+  pq.write_table(pa.table({"data_source": ["x"] * 3, "prompt": [msg, msg, [{"role": "user", "content": " "}]],
+                           "reward_model": [{"ground_truth": "1"}, {"ground_truth": ""}, {"ground_truth": "3"}]}),
+                 tmp_path / "empty.parquet")
+  with pytest.raises(md.DataError, match=r"empty.parquet: row 1: column 'reward_model': 'ground_truth' is empty"):
+    md.read_verl_parquet(tmp_path / "empty.parquet")
+  assert [r["answer"] for r in md.read_verl_parquet(tmp_path / "empty.parquet", skip_bad_rows=True)] == ["1"]
+
+
+def test_an_empty_answer_is_never_right():
+  from dapo_jax.rewards.math_dapo import compute_score
+  for response in ("Answer: $", "Answer: dollars", "Answer: =", "Answer: \\text{}", "Answer:  "):
+    assert compute_score(response, "") == {"score": -1.0, "acc": False, "pred": ""}, response
+    assert not compute_score(response, "dollars")["acc"]
+
+
 def test_gsm8k_answer():
   assert md.gsm8k_answer("so 3 + 4 = <<3+4=7>>7\n#### 1,234") == "1234"
 

@@ -64,6 +64,13 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir, monke
   assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
   assert "run_config.json" in out.stdout and "checkpoint step 3" in out.stdout
   assert json.loads((tmp_path / "eval_task_k2.json").read_text())["k"] == 2
+  # Overrides apply on top of run_config.json (they used to be dropped silently).
+  out = subprocess.run([sys.executable, "-m", "dapo_jax.evaluate", f"--checkpoint={tmp_path}", "--dataset=task",
+                        "--k=2", "--limit=4", "--max_new_tokens=8", "--config.data.max_prompt_length=4",
+                        f"--out={tmp_path / 'short.json'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+  assert json.loads((tmp_path / "short.json").read_text())["truncated_prompts"] == 4
   # Exported as a Hugging Face checkpoint: the same policy and tokenizer, loaded from the export alone.
   out = subprocess.run([sys.executable, "-m", "dapo_jax.export", f"--checkpoint={tmp_path}", "--step=2",
                         f"--out={tmp_path / 'hf'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -135,6 +142,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again_with_a_corre
     ("data.max_prompt_length", 0, "data.max_prompt_length: must be a positive integer"),
     ("reward.workers", -1, "reward.workers: must be a non-negative integer"),
     ("reward.timeout_s", 0.0, "reward.timeout_s: must be > 0 seconds"),
+    ("reward.kill_after_s", 0.0, "reward.kill_after_s: must be > 0 seconds"),
 ])
 def test_config_is_validated_before_anything_is_built(tmp_path, data_dir, field, value, match):
   with pytest.raises(config_lib.ConfigValidationError, match=match):
@@ -154,6 +162,28 @@ def test_a_diverging_run_stops_naming_the_step_and_the_cause_and_saves_nothing_n
   for step in steps:
     assert all(np.isfinite(x).all() for x in _final_params(tmp_path, step))
   assert max(r["step"] for r in read_metrics(tmp_path)) <= steps[-1]  # the failing step logged nothing
+
+
+def test_an_override_of_a_field_the_run_config_lacks_is_refused():
+  import ml_collections
+  from dapo_jax import cli
+  config = ml_collections.ConfigDict({"data": {"max_prompt_length": 8}, "seed": 0})
+  cli.apply_override(config, "data.max_prompt_length", 4, "run_config.json")
+  assert config.data.max_prompt_length == 4
+  for field in ("data.nope", "nope.x", "seed.x"):
+    with pytest.raises(SystemExit, match=rf"--config.{field}: run_config.json has no field '{field}'"):
+      cli.apply_override(config, field, 1, "run_config.json")
+
+
+def test_real_data_set_and_split_names_are_checked_with_the_config(data_dir):
+  for changes, match in [({"data.train_split": "validation"},
+                          r"data.train_split: data set 'gsm8k' has no split 'validation'; it has \['test', "
+                          r"'train'\], e.g. --config.data.train_split=test"),
+                         ({"data.eval": "aime"}, r"data.eval: unknown data set 'aime'; known: \['aime24'"),
+                         ({"data.eval": "aime24", "data.eval_split": "train"},
+                          r"data.eval_split: data set 'aime24' has no split 'train'; it has \['test'\]")]:
+    with pytest.raises(config_lib.ConfigValidationError, match=match):
+      config_lib.validate(tiny_config(data_dir, **{"data.name": "math", **changes}))
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, data_dir, monkeypatch):

@@ -4,7 +4,9 @@ AMC 2023, MATH-500).
 
 Every row becomes {index, data_source, problem, prompt (chat messages as JSON), answer}. Raw problems are
 wrapped in the DAPO template exactly; parquet rows already carry their templated messages. A malformed row
-fails with its file and line (JSON Lines) or row number (parquet).
+(not JSON, not UTF-8, a missing field, an empty problem or answer: a row an empty response would match)
+fails with its file and line (JSON Lines) or row number (parquet); with `skip_bad_rows` such rows are
+skipped and counted instead.
 """
 
 from __future__ import annotations
@@ -25,6 +27,26 @@ from dapo_jax.data.tfds_builders import prepare
 
 class DataError(ValueError):
   pass
+
+
+class _BadRows:
+  """Bad rows of one file: raised at once, or (`skip`) counted and reported when the file is read."""
+
+  def __init__(self, path: Path, skip: bool):
+    self.path, self.skip, self.where = path, skip, []
+
+  def __call__(self, where: str, message: str):
+    if not self.skip:
+      raise DataError(f"{self.path}{where}: {message} (data.skip_bad_rows=True skips such rows)")
+    self.where.append(f"{self.path}{where}: {message}")
+
+  def report(self, kept: int):
+    if self.where:
+      logging.warning("%s: skipped %d bad rows (data.skip_bad_rows), kept %d; the first: %s", self.path,
+                      len(self.where), kept, self.where[0])
+    if not kept:
+      raise DataError(f"{self.path}: no usable rows" + (f" ({len(self.where)} bad)" if self.where else
+                                                        " (the file is empty)"))
 
 
 # name -> (format, {split: relative path}, problem field, answer field, data_source)
@@ -67,32 +89,48 @@ def _messages(problem: str) -> str:
   return json.dumps([{"role": "user", "content": dapo_prompt(problem)}])
 
 
-def read_jsonl(path: Path, problem_field: str, answer_field: str, data_source: str) -> list[dict]:
-  rows = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
+def read_jsonl(path: Path, problem_field: str, answer_field: str, data_source: str, *,
+               skip_bad_rows: bool = False) -> list[dict]:
+  rows, bad = [], _BadRows(path, skip_bad_rows)
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      where = f":{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        bad(where, f"not valid UTF-8 (byte {e.start} of the line: {raw[e.start:e.start + 1]!r})")
+        continue
       if not line.strip():
         continue
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-      for field in (problem_field, answer_field):
-        if not isinstance(obj, dict) or not isinstance(obj.get(field), (str, int, float)):
-          raise DataError(f"{path}:{lineno}: field {field!r} is missing or not a string")
+        bad(where, f"not valid JSON: {e.msg}")
+        continue
+      missing = [field for field in (problem_field, answer_field)
+                 if not isinstance(obj, dict) or not isinstance(obj.get(field), (str, int, float))]
+      if missing:
+        bad(where, f"field {missing[0]!r} is missing or not a string")
+        continue
       answer = str(obj[answer_field])
       if data_source == "gsm8k":
         try:
           answer = gsm8k_answer(answer)
         except ValueError as e:
-          raise DataError(f"{path}:{lineno}: field {answer_field!r}: {e}") from None
+          bad(where, f"field {answer_field!r}: {e}")
+          continue
       problem = str(obj[problem_field])
+      empty = [name for name, value in ((problem_field, problem), (answer_field, answer)) if not value.strip()]
+      if empty:
+        bad(where, f"field {empty[0]!r} is empty")
+        continue
       rows.append({"index": len(rows), "data_source": data_source, "problem": problem,
                    "prompt": _messages(problem), "answer": answer})
+  bad.report(len(rows))
   return rows
 
 
-def read_verl_parquet(path: Path, *, dedup: bool = True) -> list[dict]:
+def read_verl_parquet(path: Path, *, dedup: bool = True, skip_bad_rows: bool = False) -> list[dict]:
   """Rows of a verl RL parquet (data_source, prompt, ability, reward_model.ground_truth, extra_info)."""
   import pyarrow.parquet as pq
   try:
@@ -103,14 +141,23 @@ def read_verl_parquet(path: Path, *, dedup: bool = True) -> list[dict]:
   if missing:
     raise DataError(f"{path}: missing column(s) {sorted(missing)}; a verl RL parquet has data_source, prompt, "
                     f"ability, reward_model, extra_info")
-  rows, seen, duplicates = [], set(), 0
+  rows, seen, duplicates, bad = [], set(), 0, _BadRows(path, skip_bad_rows)
   for i, row in enumerate(table.to_pylist()):
     prompt, reward = row["prompt"], row["reward_model"]
+    where = f": row {i}"
     if not isinstance(prompt, (list, np.ndarray)) or not all(isinstance(m, dict) and "content" in m
                                                              for m in prompt):
-      raise DataError(f"{path}: row {i}: column 'prompt' must be a list of chat messages")
+      bad(where, "column 'prompt' must be a list of chat messages")
+      continue
     if not isinstance(reward, dict) or reward.get("ground_truth") is None:
-      raise DataError(f"{path}: row {i}: column 'reward_model' has no 'ground_truth'")
+      bad(where, "column 'reward_model' has no 'ground_truth'")
+      continue
+    if not str(reward["ground_truth"]).strip():
+      bad(where, "column 'reward_model': 'ground_truth' is empty")
+      continue
+    if not any(str(m["content"] or "").strip() for m in prompt):
+      bad(where, "column 'prompt': the messages are empty")
+      continue
     messages = [{"role": m.get("role", "user"), "content": m["content"]} for m in prompt]
     key = json.dumps(messages)
     if dedup and key in seen:
@@ -123,17 +170,21 @@ def read_verl_parquet(path: Path, *, dedup: bool = True) -> list[dict]:
                  "answer": str(reward["ground_truth"])})
   if duplicates:
     logging.info("%s: dropped %d duplicate prompts, kept %d", path, duplicates, len(rows))
+  bad.report(len(rows))
   return rows
 
 
-def read_source(name: str, split: str, source_dir: str | os.PathLike, *, dedup: bool = True) -> list[dict]:
+def read_source(name: str, split: str, source_dir: str | os.PathLike, *, dedup: bool = True,
+                skip_bad_rows: bool = False) -> list[dict]:
   if name not in SOURCES:
     raise DataError(f"unknown dataset {name!r}; known: {sorted(SOURCES)}")
   fmt, files, pf, af, ds = SOURCES[name]
   if split not in files:
     raise DataError(f"dataset {name!r} has no split {split!r}; it has {sorted(files)}")
   path = source_path(name, split, source_dir)
-  return read_jsonl(path, pf, af, ds) if fmt == "jsonl" else read_verl_parquet(path, dedup=dedup)
+  if fmt == "jsonl":
+    return read_jsonl(path, pf, af, ds, skip_bad_rows=skip_bad_rows)
+  return read_verl_parquet(path, dedup=dedup, skip_bad_rows=skip_bad_rows)
 
 
 @dataclasses.dataclass
@@ -141,6 +192,7 @@ class MathConfig(tfds.core.BuilderConfig):
   source: str = "gsm8k"
   source_dir: str = ""
   dedup: bool = True
+  skip_bad_rows: bool = False
 
 
 class DapoMath(tfds.core.GeneratorBasedBuilder):
@@ -157,7 +209,8 @@ class DapoMath(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     c = self.builder_config
-    return {split: self._generate_examples(read_source(c.source, split, c.source_dir, dedup=c.dedup))
+    return {split: self._generate_examples(read_source(c.source, split, c.source_dir, dedup=c.dedup,
+                                                       skip_bad_rows=c.skip_bad_rows))
             for split in SOURCES[c.source][1]}
 
   def _generate_examples(self, rows):
@@ -178,7 +231,8 @@ def source_fingerprint(name: str, source_dir: str | os.PathLike) -> str:
   return digest.hexdigest()[:16]
 
 
-def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = True) -> DapoMath:
+def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = True,
+                 skip_bad_rows: bool = False) -> DapoMath:
   """The prepared TFDS builder for a source data set (built once into `data_dir` for each content of the
   source files: see `source_fingerprint`). A process that lacks the source files (a worker of a multi-host
   run whose data.dir is shared but whose source_dir is not) uses the copy prepared there from the same
@@ -186,7 +240,7 @@ def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = Tru
   if name not in SOURCES:
     raise DataError(f"unknown dataset {name!r}; known: {sorted(SOURCES)}")
   source_dir = str(Path(source_dir).absolute())
-  suffix = "" if dedup else "_copies"
+  suffix = ("" if dedup else "_copies") + ("_skipbad" if skip_bad_rows else "")
   record = Path(data_dir) / "sources.json"
   key = f"{name}{suffix} {source_dir}"
   known = json.loads(record.read_text()) if record.is_file() else {}
@@ -197,7 +251,8 @@ def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = Tru
       raise
     fingerprint = known[key]
     logging.info("%s: source files not here; using the copy prepared from them (%s)", source_dir, fingerprint)
-  config = MathConfig(name=f"{name}{suffix}_{fingerprint}", source=name, source_dir=source_dir, dedup=dedup)
+  config = MathConfig(name=f"{name}{suffix}_{fingerprint}", source=name, source_dir=source_dir, dedup=dedup,
+                      skip_bad_rows=skip_bad_rows)
   tfds.display_progress_bar(False)
   builder = prepare(lambda: DapoMath(config=config, data_dir=data_dir, file_format="array_record"))
   if known.get(key) != fingerprint:
@@ -209,7 +264,10 @@ def math_builder(name: str, source_dir: str, data_dir: str, *, dedup: bool = Tru
 
 
 def read_builder_split(builder, split: str) -> list[dict]:
-  source = builder.as_data_source()[split]
+  sources = builder.as_data_source()
+  if split not in sources:
+    raise DataError(f"dataset {builder.builder_config.source!r} has no split {split!r}; it has {sorted(sources)}")
+  source = sources[split]
   rows = []
   for i in range(len(source)):
     r = source[i]

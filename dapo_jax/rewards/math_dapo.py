@@ -2,7 +2,8 @@
 
 Behaves as the reference (verl `reward_score/math_dapo.py`, the DAPO authors' `eval/math_dapo.py`): only the
 last 300 characters are read; the last case-insensitive `Answer\\s*:\\s*(...)` match is the prediction
-(`[INVALID]` without one); prediction and ground truth pass through `normalize_final_answer`; correct iff equal.
+(`[INVALID]` without one); prediction and ground truth pass through `normalize_final_answer`; correct iff equal
+and not empty.
 Score +1.0 / -1.0. Pure string work: nothing from a response is executed or evaluated.
 """
 
@@ -83,5 +84,7 @@ def compute_score(solution_str: str, ground_truth: str, strict_box_verify: bool 
     correct = boxed is not None and boxed == ground_truth
   else:
     pred = normalize_final_answer(extract_answer(solution_str[-WINDOW:]))
-    correct = pred == normalize_final_answer(str(ground_truth))
+    # An answer that normalises to nothing ("Answer: $", "Answer: dollars") is never right, even against a
+    # ground truth that normalises to nothing too (the reference scores that pair +1).
+    correct = pred != "" and pred == normalize_final_answer(str(ground_truth))
   return {"score": 1.0 if correct else -1.0, "acc": bool(correct), "pred": pred}
