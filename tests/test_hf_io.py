@@ -111,6 +111,10 @@ def test_malformed_config_names_file_and_line(good_checkpoint, tmp_path):
     ("use_sliding_window", True, "field 'use_sliding_window'"),
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "rope type 'yarn'"),
     ("num_attention_heads", 3, "num_heads=3 is not a multiple"),
+    # transformers applies a YaRN under rope_scaling even beside rope_parameters: loading it without would
+    # give other logits.
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+     r"field 'rope_scaling' = .*'yarn'.* disagrees with 'rope_parameters'"),
 ])
 def test_unsupported_config_field_is_named(good_checkpoint, tmp_path, field, value, match):
   path = _copy(good_checkpoint, tmp_path / "c")
@@ -149,6 +153,20 @@ def test_wrong_shape_is_named(good_checkpoint, tmp_path):
     M.load_hf(path)
   assert "model.layers.1.mlp.down_proj.weight has shape [64, 96]" in str(e.value)
   assert "(and 1 more)" in str(e.value)  # 6 mismatched tensors: 5 listed
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(good_checkpoint, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  path = _copy(good_checkpoint, tmp_path / "c")
+  index = json.loads((path / "model.safetensors.index.json").read_text())
+  name = "model.layers.1.self_attn.k_proj.weight"
+  shard = path / index["weight_map"][name]
+  tensors = load_file(shard)
+  tensors[name] = tensors[name].copy()
+  tensors[name][3, 5] = np.nan
+  save_file(tensors, shard, metadata={"format": "pt"})
+  with pytest.raises(M.CheckpointError, match=rf"{shard.name}: tensor {name} holds 1 non-finite values"):
+    M.load_hf(path)
 
 
 def test_truncated_shard_is_detected(good_checkpoint, tmp_path):

@@ -138,6 +138,16 @@ class ModelConfig:
 
     # transformers < 5 writes rope_theta + rope_scaling; >= 5 writes rope_parameters.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    legacy = hf.get("rope_scaling")
+    if hf.get("rope_parameters") and isinstance(legacy, dict):
+      # transformers reads a scaling type under rope_scaling even beside rope_parameters (YaRN, for one):
+      # ignoring it would give other logits than transformers does.
+      kind = lambda d: d.get("rope_type", d.get("type", "default"))  # noqa: E731
+      if kind(legacy) != kind(rope) or any(rope.get(k, v) != v for k, v in legacy.items()
+                                           if k not in ("rope_type", "type")):
+        raise ConfigError(f"{source}: field 'rope_scaling' = {legacy!r} disagrees with 'rope_parameters' = "
+                          f"{hf['rope_parameters']!r}; write one of them (rope type {kind(legacy)!r} is "
+                          f"supported only if it is 'default' or 'llama3')")
     rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
     scaling = None

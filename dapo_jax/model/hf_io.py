@@ -236,9 +236,14 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", compute_dtype: s
         key = tuple(s.indices(n) for s, n in zip(index, shape))
         if key not in cache:
           try:
-            cache[key] = np.ascontiguousarray(lay.read(tensor, tuple(index)).astype(target))
+            part = np.ascontiguousarray(lay.read(tensor, tuple(index)).astype(target))
           except SafetensorError as e:
             raise CheckpointError(f"{file}: reading {lay.hf_name} failed (truncated file?): {e}") from None
+          bad = int(np.size(part) - np.count_nonzero(np.isfinite(part)))
+          if bad:
+            raise CheckpointError(f"{file}: tensor {lay.hf_name} holds {bad} non-finite values (NaN or inf) in "
+                                  f"its slice {list(key)}; a checkpoint saved from a diverged run?")
+          cache[key] = part
         return cache[key]
 
       value = jax.make_array_from_callback(var.shape, flat_shardings[path_parts].get_value(), read)
