@@ -10,9 +10,13 @@ step 20 would otherwise silently save nothing until step 30.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import gc
 import io
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -53,9 +57,58 @@ def _decode(x):
   return x
 
 
+class _ClosedLoopTolerant(asyncio.SelectorEventLoop):
+  """An event loop that drops callbacks handed to it after it closed (they could never run). When a read of
+  a damaged checkpoint or a write to a full disk fails, orbax closes its loop while tensorstore still
+  completes the other reads and writes; each completion then posts to the closed loop, and tensorstore prints
+  the RuntimeError("Event loop is closed") of every one (hundreds of tracebacks, burying the real error)."""
+
+  def call_soon_threadsafe(self, callback, *args, context=None):
+    if self.is_closed():
+      return None
+    return super().call_soon_threadsafe(callback, *args, context=context)
+
+
+class _Policy(asyncio.DefaultEventLoopPolicy):
+  _loop_factory = _ClosedLoopTolerant
+
+
+def _tolerate_closed_loops() -> None:
+  if type(asyncio.get_event_loop_policy()) is asyncio.DefaultEventLoopPolicy:
+    asyncio.set_event_loop_policy(_Policy())
+
+
+class _FailedSaveLeftovers(logging.Filter):
+  def filter(self, record):
+    return "exception was never retrieved" not in record.getMessage()
+
+
+def _quiet_failed_save_leftovers() -> None:
+  """After a save failed (and was reported once, as a CheckpointWriteError): its hundreds of unfinished
+  tensorstore writes are collected later, mostly at exit, each printing a traceback of the same cause
+  ("Task exception was never retrieved", "Exception ignored in <coroutine ...>"). Those are dropped; every
+  other unraisable error still prints."""
+  logging.getLogger("asyncio").addFilter(_FailedSaveLeftovers())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    obj = getattr(unraisable, "object", None)
+    if getattr(getattr(obj, "cr_code", None), "co_filename", "").find("orbax") >= 0 or \
+        isinstance(unraisable.exc_value, ImportError) and "shutting down" in str(unraisable.exc_value):
+      return
+    previous(unraisable)
+  sys.unraisablehook = hook
+  gc.collect()
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, a lost mount): the run stops, its last good one kept."""
+
+
 class Checkpointer:
 
   def __init__(self, directory: str | Path, *, max_to_keep: int = 3, asynchronous: bool = True):
+    _tolerate_closed_loops()
     self.directory = Path(directory).absolute()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=asynchronous)
@@ -68,13 +121,32 @@ class Checkpointer:
     """Saves `step`; one already saved is left as it is. Raises if orbax refuses a new step."""
     if step in self.manager.all_steps():
       return
-    saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            record=ocp.args.JsonSave(_encode(record))))
+    with self._writing(step):
+      saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                              record=ocp.args.JsonSave(_encode(record))))
     if not saved:
       raise RuntimeError(f"checkpoint step {step} was not written to {self.directory}: orbax refused it (steps "
                          f"on disk: {self.steps()}); move the newer steps out of the folder to go on")
     if wait:
-      self.manager.wait_until_finished()
+      self.wait()
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None):
+    """Orbax's failure to write (raised at the save, or at a later wait for an asynchronous one) as one
+    error whose first line is the cause."""
+    failure = None
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise several types
+      cause = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+      what = (f"checkpoint step {step} (or an earlier one, still being written)" if step is not None else
+              "a checkpoint being written asynchronously")
+      hint = " (the disk is full: free space, or point --workdir elsewhere)" if "RESOURCE_EXHAUSTED" in cause or \
+          "No space left" in cause else ""
+      failure = f"{what} could not be written to {self.directory}{hint}: {type(e).__name__}: {cause}"
+    if failure is not None:
+      _quiet_failed_save_leftovers()
+      raise CheckpointWriteError(failure)
 
   def restore_latest(self, abstract_state: Any, *, up_to: int | None = None) -> tuple[int, Any, dict] | None:
     """(step, state, record) of the newest readable checkpoint (at most step `up_to`), or None."""
@@ -107,11 +179,14 @@ class Checkpointer:
     return aside
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._writing(None):
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def save_tree(path: str | Path, tree: Any) -> bool:

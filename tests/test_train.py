@@ -225,6 +225,32 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
   ck.close()
 
 
+_NOISE = ("Event loop is closed", "Exception ignored", "exception was never retrieved", "shutting down")
+
+
+def _checkpoint_failure(kind: str, directory):
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  # Through a pipe: the "full" case caps file sizes, a log file included.
+  out = subprocess.run([sys.executable, "-m", "tests.checkpoint_failures", kind, str(directory)], cwd=ROOT, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+  return out.returncode, out.stdout
+
+
+def test_a_corrupted_checkpoint_falls_back_without_a_flood_of_tracebacks(tmp_path):
+  rc, out = _checkpoint_failure("corrupt", tmp_path)
+  assert rc == 0 and out.splitlines()[-1] == "restored step 1", out[-3000:]
+  assert "is unreadable" in out and not [n for n in _NOISE if n in out], out[-3000:]
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_with_its_cause_last(tmp_path):
+  rc, out = _checkpoint_failure("full", tmp_path)
+  assert rc == 1, (rc, out[-3000:])
+  assert out.splitlines()[-1].startswith("dapo_jax.checkpoint.CheckpointWriteError: a checkpoint being written "
+                                         f"asynchronously could not be written to {tmp_path}: "), out[-3000:]
+  assert "File too large" in out and not [n for n in _NOISE if n in out], out[-3000:]
+  assert (tmp_path / "1").is_dir() and not (tmp_path / "2").exists()  # the last good checkpoint is kept
+
+
 def test_a_save_orbax_refuses_is_an_error(tmp_path):
   ck = ckpt_lib.Checkpointer(tmp_path, max_to_keep=3, asynchronous=False)
   ck.save(5, {"w": jnp.zeros(2)}, {"data": {}, "carry": []})
