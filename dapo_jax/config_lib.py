@@ -108,6 +108,8 @@ def validate(config, mesh=None) -> None:
   _positive_int(config, "checkpoint.every", zero_ok=True, note=" (0: only at the end and on a stop)")
   _positive_int(config, "rollout.gen_chunk_size", zero_ok=True, note=" (0: the whole generation batch at once)")
   _positive_int(config, "eval.chunk_size", zero_ok=True, note=" (0: every problem in one call)")
+  _positive_int(config, "eval.every", zero_ok=True, note=" (0: no evaluation during training)")
+  _positive_int(config, "log.samples_per_step", zero_ok=True, note=" (responses written to samples.jsonl)")
   # keep=0 would delete every checkpoint, and the rerun would start over.
   _positive_int(config, "checkpoint.keep", note=" (the newest checkpoints kept)")
   _positive_int(config, "data.max_prompt_length")

@@ -173,6 +173,18 @@ def failing_reward(solution_str, ground_truth, **extra):
   return compute_score(solution_str, ground_truth)
 
 
+def crashing_reward(solution_str, ground_truth, **extra):
+  """Dies on one input, as a worker the kernel's OOM killer took would."""
+  import os
+  if solution_str == "crash":
+    os._exit(3)
+  return compute_score(solution_str, ground_truth)
+
+
+def nan_reward(solution_str, ground_truth, **extra):
+  return {"score": float("nan"), "acc": False}
+
+
 def napping_reward(solution_str, ground_truth, **extra):
   time.sleep(0.5)
   return compute_score(solution_str, ground_truth)
@@ -214,8 +226,25 @@ def test_a_worker_deaf_to_its_alarm_is_killed_and_replaced():
     assert [o["acc"] for o in ex.score(["Answer: 6"] * 4, ["6"] * 4)] == [True] * 4  # the replacement works
 
 
-def test_a_slow_first_import_does_not_run_under_an_items_alarm():
-  with RewardExecutor("tests.test_rewards:lazy_import_reward", workers=1, timeout_s=0.5) as ex:
+def test_a_worker_that_dies_is_replaced_and_its_item_scored_as_a_failure():
+  with RewardExecutor("tests.test_rewards:crashing_reward", workers=2, timeout_s=1.0) as ex:
+    out = ex.score(["Answer: 1", "crash", "Answer: 3"], ["1", "2", "3"])
+    assert [o["pred"] for o in out] == ["1", "[TIMEOUT]", "3"] and ex.killed == 1
+    assert ex.score(["Answer: 4"] * 3, ["4"] * 3)[2]["acc"]
+
+
+def test_a_non_finite_score_is_an_error():
+  with pytest.raises(ValueError, match="returned a non-finite score nan"):
+    RewardExecutor("tests.test_rewards:nan_reward", workers=0).score(["x"], ["1"])
+  with RewardExecutor("tests.test_rewards:nan_reward", workers=1) as ex:
+    with pytest.raises(RuntimeError, match="(?s)failed on item 0 of the batch.*non-finite score"):
+      ex.score(["x"], ["1"])
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_slow_first_import_does_not_run_under_an_items_alarm(workers):
+  _FIRST_CALL.clear()
+  with RewardExecutor("tests.test_rewards:lazy_import_reward", workers=workers, timeout_s=0.5) as ex:
     out = ex.score(["Answer: 1", "Answer: 2"], ["1", "2"])
   assert [o["acc"] for o in out] == [True, True] and ex.timeouts == 0
 

@@ -143,6 +143,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again_with_a_corre
     ("reward.workers", -1, "reward.workers: must be a non-negative integer"),
     ("reward.timeout_s", 0.0, "reward.timeout_s: must be > 0 seconds"),
     ("reward.kill_after_s", 0.0, "reward.kill_after_s: must be > 0 seconds"),
+    ("eval.every", -1, "eval.every: must be a non-negative integer"),
 ])
 def test_config_is_validated_before_anything_is_built(tmp_path, data_dir, field, value, match):
   with pytest.raises(config_lib.ConfigValidationError, match=match):

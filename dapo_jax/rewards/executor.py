@@ -14,6 +14,7 @@ A worker imports and calls its reward once on a trivial item before it takes wor
 from __future__ import annotations
 
 import collections
+import math
 import multiprocessing as mp
 import multiprocessing.connection
 import signal
@@ -46,6 +47,9 @@ def _validated(result: Any, name: str) -> dict:
     raise TypeError(f"reward {name!r} must return a dict with 'score' and 'acc', got {result!r}")
   result = dict(result)
   result["score"] = float(result["score"])
+  if not math.isfinite(result["score"]):
+    raise ValueError(f"reward {name!r} returned a non-finite score {result['score']} (it would make every "
+                     f"advantage of its group NaN)")
   result["acc"] = bool(result["acc"])
   return result
 
@@ -62,14 +66,26 @@ def _score_one(fn, name: str, item: tuple[str, Any, dict], timeout_s: float) -> 
     signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+_WARMED: set[str] = set()
+
+
+def _warmed_up(name: str):
+  """The reward, called once in this process on a trivial item with no alarm: an alarm that fires inside a
+  first import leaves the module half-imported for the whole process (sympy: every later import fails)."""
+  fn = registry.get(name)
+  if name not in _WARMED:
+    try:
+      fn(*_WARMUP)
+    except Exception:  # a reward that dislikes the warm-up item still has its imports done
+      pass
+    _WARMED.add(name)
+  return fn
+
+
 def _worker_main(conn, name: str, timeout_s: float):
   # Ctrl-C reaches the whole process group; the parent turns it into "checkpoint and stop" after the step.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  fn = registry.get(name)
-  try:
-    fn(*_WARMUP)
-  except Exception:  # a reward that dislikes the warm-up item still has its imports done
-    pass
+  fn = _warmed_up(name)
   signal.signal(signal.SIGALRM, _alarm)
   conn.send("ready")
   while True:
@@ -158,7 +174,7 @@ class RewardExecutor:
     return results
 
   def _score_here(self, items) -> list[dict]:
-    fn = registry.get(self.name)
+    fn = _warmed_up(self.name) if items else registry.get(self.name)
     if threading.current_thread() is not threading.main_thread():
       warnings.warn("RewardExecutor(workers=0) off the main thread: no time limit (alarms reach the main "
                     "thread only); use workers >= 1", stacklevel=3)
