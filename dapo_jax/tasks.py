@@ -63,7 +63,7 @@ def _arithmetic(config, workdir: Path) -> Task:
     for r in read_split(builder, split):
       ids, cut = encode_prompt(tok, synthetic.prompt_messages(r["problem"]), config.data.max_prompt_length)
       truncated += cut
-      out.append({**r, "prompt_ids": ids})
+      out.append({**r, "prompt_ids": ids, "prompt_truncated": bool(cut)})
     return out
 
   train, test = rows("train"), rows("test")
@@ -94,7 +94,7 @@ def _math(config, workdir: Path) -> Task:
     for r in md.read_builder_split(builder, split):
       ids, cut = encode_prompt(tok, r["messages"], d.max_prompt_length)
       truncated += cut
-      out.append({**r, "prompt_ids": ids})
+      out.append({**r, "prompt_ids": ids, "prompt_truncated": bool(cut)})
     return out
 
   # data.dedup=False trains on the parquet's copies as the reference did; evaluation always takes each problem
