@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dapo_jax.model.transformer import KVCache, KVPart, Transformer, default_positions
+from dapo_jax.model.transformer import KVCache, KVPart, Transformer, default_positions, parts_attend
 from dapo_jax.sharding import constrain, row_local_axes
 from jax.sharding import PartitionSpec as P
 
@@ -196,7 +196,7 @@ def _decode_rows(graphdef, state, prompt_BxP, prompt_mask_BxP, uniform_NxB, max_
       valid_BxW = jnp.broadcast_to(jnp.arange(width)[None] <= slot, (bg, width))
       parts = [[prefix_parts[i], *(KVPart(*d[i], None) for d in done_segments),
                 KVPart(*current[i], valid_BxW)] for i in range(cfg.num_layers)]
-      logits_BxV, current = model.decode_step(token_B, next_pos_B + step, parts, slot, rope_table)
+      logits_BxV, current = model.decode_step(token_B, next_pos_B + step, parts, parts_attend(slot), rope_table)
       return step + 1, tokens_BxN, logps_BxN, done_B, logits_BxV, current
 
     *carry, current = jax.lax.while_loop(cond, body, (*carry, current))

@@ -170,21 +170,32 @@ class Attention(nnx.Module):
     out_BxTxD = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt))
     return out_BxTxD, (None if kv is None else (kt_BxKxHxT, v_BxKxTxH))
 
-  def decode(self, x_Bx1xD, cos, sin, parts, slot):
-    """One new token per row attending over `parts` (see `KVPart`); its key and value are written at `slot`
-    of the last part, the only one that changes. Returns (out_Bx1xD, (kt, v) of the last part)."""
+  def decode(self, x_Bx1xD, cos, sin, cache, attend):
+    """One new token per row. `attend(cfg, q_BxKxRxH, k_BxKxH, v_BxKxH, cache)` stores the new key and value
+    in `cache` and attends over it, returning (out_BxKxRxH, new cache): the static sampler's segments
+    (`parts_attend`) and the engine's page pool (`engine.paged_attend`) share everything else of a step."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     q, k, v = self._qkv(x_Bx1xD.astype(dt), cos, sin, fused=True)
-    last = parts[-1]
-    kt = jax.lax.dynamic_update_slice(last.kt, k.transpose(0, 2, 3, 1).astype(last.kt.dtype), (0, 0, 0, slot))
-    vv = jax.lax.dynamic_update_slice(last.v, v.transpose(0, 2, 1, 3).astype(last.v.dtype), (0, 0, slot, 0))
-    out = _attend_parts(cfg, q, (*parts[:-1], last._replace(kt=kt, v=vv)), dt)
+    b, kvh, hd = q.shape[0], cfg.num_kv_heads, cfg.head_dim
+    out, cache = attend(cfg, q.reshape(b, kvh, cfg.num_heads // kvh, hd), k[:, 0], v[:, 0], cache)
     # As one [B, N*hd] x [N*hd, D] matmul: the einsum over (heads, head_dim) made XLA transpose the whole
     # output kernel inside the decode loop, every step.
-    b, nh = out.shape[0], cfg.num_heads * cfg.head_dim
-    out_BxD = jnp.dot(out.reshape(b, nh), self.o_kernel[...].astype(dt).reshape(nh, cfg.hidden_size))
-    return out_BxD[:, None], (kt, vv)
+    nh = cfg.num_heads * hd
+    out_BxD = jnp.dot(out.reshape(b, nh).astype(dt), self.o_kernel[...].astype(dt).reshape(nh, cfg.hidden_size))
+    return out_BxD[:, None], cache
+
+
+def parts_attend(slot):
+  """The static sampler's `attend` (see `Attention.decode`): the cache is a layer's list of `KVPart`s; the new
+  key and value go to `slot` of the last part, the only one that changes, which is returned as (kt, v)."""
+  def attend(cfg, q_BxKxRxH, k_BxKxH, v_BxKxH, parts):
+    last = parts[-1]
+    kt = jax.lax.dynamic_update_slice(last.kt, k_BxKxH[..., None].astype(last.kt.dtype), (0, 0, 0, slot))
+    vv = jax.lax.dynamic_update_slice(last.v, v_BxKxH[:, :, None].astype(last.v.dtype), (0, 0, slot, 0))
+    out = _attend_parts(cfg, q_BxKxRxH, (*parts[:-1], last._replace(kt=kt, v=vv)), jnp.dtype(cfg.dtype))
+    return out, (kt, vv)
+  return attend
 
 
 class KVPart(NamedTuple):
@@ -200,12 +211,10 @@ class KVPart(NamedTuple):
   group: int = 1
 
 
-def _attend_parts(cfg: ModelConfig, q_Bx1xNxH, parts, dt):
+def _attend_parts(cfg: ModelConfig, q_BxKxRxH, parts, dt):
   """Softmax attention of one query per row over the concatenation of `parts`, part by part: equal to
   attending over one cache holding them all, without building it."""
-  b = q_Bx1xNxH.shape[0]
-  kvh, r, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-  q_BxKxRxH = q_Bx1xNxH.reshape(b, kvh, r, hd)
+  b, kvh, r, hd = q_BxKxRxH.shape
 
   def grouped(x_BxKxRxY, g):  # [B, KV, R, Y] -> [B/g, KV, g*R, Y]: a shared row's G queries in one matrix
     y = x_BxKxRxY.shape[-1]
@@ -232,7 +241,7 @@ def _attend_parts(cfg: ModelConfig, q_Bx1xNxH, parts, dt):
     p = grouped(probs[..., start:start + size], part.group)
     out = out + ungrouped(jnp.einsum("bkqs,bksh->bkqh", p, part.v.astype(dt)), part.group)
     start += size
-  return out.reshape(b, 1, cfg.num_heads, hd)
+  return out
 
 
 def _attend(cfg: ModelConfig, q_BxTxNxH, kt_BxKxHxS, v_BxKxSxH, mask_BxTxS, dt):
@@ -286,8 +295,8 @@ class Block(nnx.Module):
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)).astype(x_BxTxD.dtype)
     return constrain(x_BxTxD, ("batch", "length", "act_embed")), kv
 
-  def decode(self, x_Bx1xD, cos, sin, parts, slot):
-    h, kv = self.attn.decode(self.attn_norm(x_Bx1xD), cos, sin, parts, slot)
+  def decode(self, x_Bx1xD, cos, sin, cache, attend):
+    h, kv = self.attn.decode(self.attn_norm(x_Bx1xD), cos, sin, cache, attend)
     x_Bx1xD = x_Bx1xD + h.astype(x_Bx1xD.dtype)
     x_Bx1xD = x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD), fused=True).astype(x_Bx1xD.dtype)
     return constrain(x_Bx1xD, ("batch", "length", "act_embed")), kv
@@ -336,10 +345,10 @@ class Transformer(nnx.Module):
     k, v = zip(*kvs)
     return self.logits(x), KVCache(tuple(k), tuple(v), valid_BxS, cache.index + t)
 
-  def decode_step(self, token_B, position_B, parts_per_layer, slot, rope_table):
-    """The sampler's step: one token per row attending over each layer's `KVPart`s, its keys and values
-    written at `slot` of each layer's last part; `rope_table` is `self.rope_table(n)` for every position
-    below n. Returns (logits_BxV, [(kt, v) of each layer's last part])."""
+  def decode_step(self, token_B, position_B, cache_per_layer, attend, rope_table):
+    """A sampler's step: one token per row, whose key and value `attend` stores in each layer's cache and
+    attends over (see `Attention.decode`); `rope_table` is `self.rope_table(n)` for every position below n.
+    Returns (logits_BxV, [each layer's new cache])."""
     x = self._embed_tokens(token_B[:, None])
     # Rows of a table made once before the decode loop: computed here, cos and sin were fused into (and
     # recomputed by) every layer's rotation, ~10% of a step on CPU.
@@ -347,8 +356,8 @@ class Transformer(nnx.Module):
     cos = jnp.take(cos_table, position_B, axis=0)[:, None]
     sin = jnp.take(sin_table, position_B, axis=0)[:, None]
     new_kv = []
-    for layer, parts in zip(self.layers, parts_per_layer):
-      x, kv = layer.decode(x, cos, sin, parts, slot)
+    for layer, cache in zip(self.layers, cache_per_layer):
+      x, kv = layer.decode(x, cos, sin, cache, attend)
       new_kv.append(kv)
     return self.logits(self.final_norm(x))[:, 0], new_kv
 
