@@ -48,8 +48,8 @@ class EngineConfig:
   """slots: rows decoding at once (over all devices). page_size: tokens per KV page. steps_per_chunk: decode
   steps per jitted call; a chunk also ends early once `refill_fraction` of the slots are free and rows wait.
   prefill_batch: prompts prefilled per call (0: enough to fill every slot's group). prefill_chunk: a prompt
-  longer than this is prefilled in pieces of this many tokens (0: whole). pages_per_block: pages attention
-  reads per step of its loop."""
+  longer than this is prefilled in pieces of this many tokens (0: whole). pages_per_block, attention_rows:
+  attention reads this many pages for this many rows (of similar length) per step of its loop."""
   slots: int = 64
   page_size: int = 16
   steps_per_chunk: int = 16
@@ -57,9 +57,10 @@ class EngineConfig:
   prefill_batch: int = 0
   prefill_chunk: int = 512
   pages_per_block: int = 4
+  attention_rows: int = 16
 
   def __post_init__(self):
-    for name in ("slots", "page_size", "steps_per_chunk", "pages_per_block"):
+    for name in ("slots", "page_size", "steps_per_chunk", "pages_per_block", "attention_rows"):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"rollout.engine.{name}: must be a positive integer, got {value!r}")
@@ -102,10 +103,18 @@ class EngineStats(NamedTuple):
   prefill_calls: int
   dropped_groups: int  # admitted or prefilled groups given up when the consumer stopped the stream
   decoded_tokens: int  # tokens sampled, including those of dropped groups
+  queued_decode_steps: int = 0  # slot-steps of the chunks that began with rows waiting for a slot
+  queued_useful_steps: int = 0
 
   @property
   def occupancy(self) -> float:
+    """Share of slot-steps that produced a token, over the whole run (the last rows' drain included)."""
     return self.useful_steps / max(self.decode_steps, 1)
+
+  @property
+  def queued_occupancy(self) -> float:
+    """The same while rows were waiting for slots: what refilling achieves, without the drain at the end."""
+    return self.queued_useful_steps / max(self.queued_decode_steps, 1)
 
 
 # ---------------------------------------------------------------------------------------------------- device
@@ -115,10 +124,16 @@ def _pool_shapes(cfg, pages: int, page: int):
   return (pages, cfg.num_kv_heads, cfg.head_dim, page), (pages, cfg.num_kv_heads, page, cfg.head_dim)
 
 
-def paged_attend(table_SxM, valid_fn, write_page_S, write_off_S, num_blocks, page: int, per_block: int):
-  """The engine's `attend` (see `Transformer.decode_step`): the new key and value go to page
-  `write_page_S` (out of range: dropped) at offset `write_off_S`; the query attends over its table's pages
-  `per_block` at a time, for `num_blocks` blocks, with an online softmax. `valid_fn(first_page_S?)`..."""
+def paged_attend(table_SxM, valid_fn, write_page_S, write_off_S, blocks_S, order_S, page: int, per_block: int,
+                 rows: int):
+  """The engine's `attend` (see `Transformer.decode_step`) over per-layer page pools (kt, v).
+
+  The new key and value go to page `write_page_S` (out of range: dropped) at offset `write_off_S`. A slot
+  reads its table's pages `per_block` at a time, `blocks_S` blocks, with an online softmax. Work goes in
+  (block, row group) pairs: the slots in `order_S` (longest first) form groups of `rows`, and a group reads
+  block j only if one of its slots has it, so a step's work follows the live rows' lengths, not S times the
+  longest. Each slot's blocks are read in order and its arithmetic does not depend on the other slots of its
+  group: a row gives the same numbers whatever its slot."""
   def attend(cfg, q_SxKxRxH, k_SxKxH, v_SxKxH, pools):
     kt_pool, v_pool = pools
     dt = jnp.dtype(cfg.dtype)
@@ -128,25 +143,35 @@ def paged_attend(table_SxM, valid_fn, write_page_S, write_off_S, num_blocks, pag
     neg = jnp.finfo(jnp.float32).min
     scale = 1.0 / math.sqrt(hd)
     q = q_SxKxRxH.astype(dt)
+    groups = s // rows
+    group_blocks_G = jnp.max(blocks_S[order_S].reshape(groups, rows), axis=1)
+    num_blocks = table_SxM.shape[1] // per_block
+    # (block, group) pairs in block-major order, the needed ones first.
+    needed = (jnp.arange(num_blocks)[:, None] < group_blocks_G[None, :]).reshape(-1)
+    pairs = jnp.argsort(~needed, stable=True).astype(jnp.int32)
 
-    def block(j, c):
+    def block(i, c):
       m_SxKxR, l_SxKxR, o_SxKxRxH = c
-      pages_SxB = jax.lax.dynamic_slice_in_dim(table_SxM, j * per_block, per_block, axis=1)
-      kt_SxBxKxHxP = kt_pool[pages_SxB].astype(dt)
-      v_SxBxKxPxH = v_pool[pages_SxB].astype(dt)
-      scores = jnp.einsum("skrh,sbkhp->skrbp", q, kt_SxBxKxHxP, preferred_element_type=jnp.float32) * scale
-      valid_SxBxP = valid_fn(j * per_block + jnp.arange(per_block))
-      scores = jnp.where(valid_SxBxP[:, None, None], scores, neg)
-      m_new = jnp.maximum(m_SxKxR, jnp.max(scores, axis=(-2, -1)))
-      alpha = jnp.exp(m_SxKxR - m_new)
+      j, g = pairs[i] // groups, pairs[i] % groups
+      rows_R = jax.lax.dynamic_slice_in_dim(order_S, g * rows, rows)
+      pages_RxB = jax.lax.dynamic_slice_in_dim(table_SxM[rows_R], j * per_block, per_block, axis=1)
+      kt_RxBxKxHxP = kt_pool[pages_RxB].astype(dt)
+      v_RxBxKxPxH = v_pool[pages_RxB].astype(dt)
+      scores = jnp.einsum("skrh,sbkhp->skrbp", q[rows_R], kt_RxBxKxHxP, preferred_element_type=jnp.float32) * scale
+      valid_RxBxP = valid_fn(rows_R, j * per_block + jnp.arange(per_block))
+      scores = jnp.where(valid_RxBxP[:, None, None], scores, neg)
+      m_old = m_SxKxR[rows_R]
+      m_new = jnp.maximum(m_old, jnp.max(scores, axis=(-2, -1)))
+      alpha = jnp.exp(m_old - m_new)
       p = jnp.exp(scores - m_new[..., None, None])
-      l_SxKxR = l_SxKxR * alpha + jnp.sum(p, axis=(-2, -1))
-      pv = jnp.einsum("skrbp,sbkph->skrh", p.astype(dt), v_SxBxKxPxH, preferred_element_type=jnp.float32)
-      return m_new, l_SxKxR, o_SxKxRxH * alpha[..., None] + pv
+      l_new = l_SxKxR[rows_R] * alpha + jnp.sum(p, axis=(-2, -1))
+      pv = jnp.einsum("skrbp,sbkph->skrh", p.astype(dt), v_RxBxKxPxH, preferred_element_type=jnp.float32)
+      o_new = o_SxKxRxH[rows_R] * alpha[..., None] + pv
+      return m_SxKxR.at[rows_R].set(m_new), l_SxKxR.at[rows_R].set(l_new), o_SxKxRxH.at[rows_R].set(o_new)
 
-    init = (jnp.full((s, kvh, r), neg, jnp.float32), jnp.zeros((s, kvh, r), jnp.float32),
+    init = (jnp.full((s, kvh, r), neg, jnp.float32), jnp.ones((s, kvh, r), jnp.float32),
             jnp.zeros((s, kvh, r, hd), jnp.float32))
-    _, l_SxKxR, o_SxKxRxH = jax.lax.fori_loop(0, num_blocks, block, init)
+    _, l_SxKxR, o_SxKxRxH = jax.lax.fori_loop(0, jnp.sum(needed), block, init)
     return (o_SxKxRxH / l_SxKxR[..., None]).astype(dt), (kt_pool, v_pool)
   return attend
 
@@ -162,10 +187,11 @@ class _Slots(NamedTuple):
   live_S: jax.Array  # bool: decoding
   fresh_S: jax.Array  # bool: admitted since the last chunk (its logits come from the prompt's)
   prompt_index_S: jax.Array  # int32 row of the prompt logits
+  order_S: jax.Array  # int32 slots, longest row first (groups of attention work)
 
 
 def _decode_chunk(graphdef, state, pools, logits_SxV, prompt_logits_RxV, slots: _Slots, tokens_SxN, logps_SxN,
-                  steps, free_target, *, params: SamplingParams, page: int, per_block: int):
+                  steps, free_target, *, params: SamplingParams, page: int, per_block: int, rows_per_group: int):
   model: Transformer = nnx.merge(graphdef, state)
   cfg = model.cfg
   s_count, width = slots.table_SxM.shape
@@ -200,18 +226,17 @@ def _decode_chunk(graphdef, state, pools, logits_SxV, prompt_logits_RxV, slots: 
     write_page_S = jnp.where(live_S, jnp.take_along_axis(slots.table_SxM, jnp.minimum(own_S, width - 1)[:, None],
                                                          axis=1)[:, 0], n_pages)
 
-    def valid_fn(cols_B):  # [S, B, P]: which positions of table columns cols_B hold this row's tokens
+    def valid_fn(rows_R, cols_B):  # [R, B, P]: which positions of table columns cols_B hold row R's tokens
       offset_P = jnp.arange(page)
-      col_SxB = cols_B[None, :]
-      in_prompt = col_SxB < slots.prompt_pages_S[:, None]
-      prompt_pos = col_SxB[..., None] * page + offset_P
-      gen_pos = (col_SxB - slots.prompt_pages_S[:, None])[..., None] * page + offset_P
-      return jnp.where(in_prompt[..., None], prompt_pos < slots.prompt_len_S[:, None, None],
-                       (gen_pos >= 0) & (gen_pos <= gen_S[:, None, None]))
+      prompt_pages_R, col_RxB = slots.prompt_pages_S[rows_R][:, None], cols_B[None, :]
+      prompt_pos = col_RxB[..., None] * page + offset_P
+      gen_pos = (col_RxB - prompt_pages_R)[..., None] * page + offset_P
+      return jnp.where((col_RxB < prompt_pages_R)[..., None], prompt_pos < slots.prompt_len_S[rows_R][:, None, None],
+                       (gen_pos >= 0) & (gen_pos <= gen_S[rows_R][:, None, None]))
 
-    used_S = jnp.where(live_S, own_S + 1, 1)
-    num_blocks = (jnp.max(used_S) + per_block - 1) // per_block
-    attend = paged_attend(slots.table_SxM, valid_fn, write_page_S, gen_S % page, num_blocks, page, per_block)
+    blocks_S = jnp.where(live_S, (own_S + per_block) // per_block, 0)
+    attend = paged_attend(slots.table_SxM, valid_fn, write_page_S, gen_S % page, blocks_S, slots.order_S, page,
+                          per_block, math.gcd(rows_per_group, s_count))
     logits_SxV, pools = model.decode_step(token_S, slots.prompt_len_S + gen_S, pools, attend, rope_table)
     stopped_S = jnp.any(token_S[:, None] == stop_T[None, :], axis=-1) | (gen_S + 1 >= slots.budget_S)
     gen_S = jnp.where(live_S, gen_S + 1, gen_S)
@@ -263,13 +288,14 @@ def _row_sharded(fn, row_axes, n_in, n_out):
                        axis_names=set(row_axes), check_vma=False)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "page", "per_block", "row_axes"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "page", "per_block", "rows_per_group", "row_axes"),
                    donate_argnums=(2, 3, 7, 8))
 def _decode_jit(graphdef, state, pools, logits_SxV, prompt_logits_RxV, slots, steps, tokens_SxN, logps_SxN,
-                free_target, *, params, page, per_block, row_axes):
+                free_target, *, params, page, per_block, rows_per_group, row_axes):
   def run(state, pools, logits_SxV, prompt_logits_RxV, slots, tokens_SxN, logps_SxN, steps, free_target):
     return _decode_chunk(graphdef, state, pools, logits_SxV, prompt_logits_RxV, slots, tokens_SxN, logps_SxN,
-                         steps[0], free_target[0], params=params, page=page, per_block=per_block)
+                         steps[0], free_target[0], params=params, page=page, per_block=per_block,
+                         rows_per_group=rows_per_group)
   shard = jnp.ones((max(1, _shards(row_axes)),), jnp.int32)
   out = _row_sharded(run, row_axes, 9, 7)(state, pools, logits_SxV, prompt_logits_RxV, slots, tokens_SxN,
                                           logps_SxN, shard * steps, shard * free_target)
@@ -411,7 +437,8 @@ class _Run:
                      prompt_index=np.zeros(c.slots, np.int32))
     self.exhausted = False
     self.next_index = 0
-    self.counts = dict(decode_steps=0, useful_steps=0, chunks=0, prefill_calls=0, decoded_tokens=0)
+    self.counts = dict(decode_steps=0, useful_steps=0, chunks=0, prefill_calls=0, decoded_tokens=0,
+                       queued_decode_steps=0, queued_useful_steps=0)
     self.in_flight: dict[int, _Prompt] = {}
     del params
 
@@ -615,20 +642,28 @@ class _Run:
         raise RuntimeError("engine: rows wait but none could be admitted (page pool or prompt rows exhausted)")
       queued = (not self.exhausted) or any(self._waiting_rows(s) for s in range(self.shards))
       free_target = max(1, int(c.refill_fraction * self.slots_per_shard)) if queued else self.slots_per_shard + 1
+      # Longest rows first (per shard, local slot ids): attention groups rows of similar length.
+      used = np.where(h["live"], h["prompt_pages"] + h["generated"] // self.page, -1)
+      h["order"] = np.concatenate([np.argsort(-used[s:s + self.slots_per_shard], kind="stable")
+                                   for s in range(0, c.slots, self.slots_per_shard)]).astype(np.int32)
       slots = _Slots(*(self._put(h[k]) for k in ("table", "prompt_len", "prompt_pages", "generated", "budget",
-                                                   "key", "live", "fresh", "prompt_index")))
+                                                   "key", "live", "fresh", "prompt_index", "order")))
       before_live, before_gen = h["live"].copy(), h["generated"].copy()
       (self.pools, self.logits, gen, live, *self.tokens, steps) = _decode_jit(
           self.graphdef, self.state, self.pools, self.logits, self.prompt_logits, slots,
           jnp.asarray(c.steps_per_chunk, jnp.int32), *self.tokens, jnp.asarray(free_target, jnp.int32),
-          params=self.e.params, page=self.page, per_block=c.pages_per_block, row_axes=self.row_axes)
+          params=self.e.params, page=self.page, per_block=c.pages_per_block, rows_per_group=c.attention_rows,
+          row_axes=self.row_axes)
       gen, live, steps = distributed.to_host((gen, live, steps))
       gen, live = np.array(gen, np.int32), np.array(live, bool)
       self.counts["chunks"] += 1
-      self.counts["decode_steps"] += int(np.asarray(steps).sum()) * self.slots_per_shard
-      made = int((gen - before_gen).sum())
+      made, slot_steps = int((gen - before_gen).sum()), int(np.asarray(steps).sum()) * self.slots_per_shard
+      self.counts["decode_steps"] += slot_steps
       self.counts["useful_steps"] += made
       self.counts["decoded_tokens"] += made
+      if queued:
+        self.counts["queued_decode_steps"] += slot_steps
+        self.counts["queued_useful_steps"] += made
       h["generated"], h["live"], h["fresh"][:] = gen, live, False
       finished = np.flatnonzero(before_live & ~live)
       if finished.size:
