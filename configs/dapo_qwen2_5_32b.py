@@ -34,7 +34,8 @@ def get_config(arg=None):
   c.model.hf_path = ""  # set: a Qwen2.5-32B (base) checkpoint directory
   c.model.param_dtype, c.model.dtype = "float32", "bfloat16"
   c.model.remat, c.model.attention_chunk = True, 1024  # as verl's gradient checkpointing; no T^2 scores
-  c.rollout.gen_chunk_size = 8  # prompts (x 16 responses) per sampler call: bounds the KV cache
+  # 128 rows decoding at once per data shard group: pages for 128 x 20,480 tokens fit the mesh's memory.
+  c.rollout.engine.slots = 128
   c.sft.steps = 0
   c.rollout.group_size, c.rollout.gen_batch_size, c.rollout.train_batch_size = 16, 1536, 512
   c.rollout.max_response_length = 20480
@@ -49,6 +50,5 @@ def get_config(arg=None):
   c.actor.mini_batch_size, c.actor.micro_batch_size = 32, 8
   c.actor.kl_coef, c.actor.entropy_coef = 0.0, 0.0
   c.eval.every, c.eval.num_problems, c.eval.k, c.eval.temperature, c.eval.top_p = 5, 30, 32, 1.0, 0.7
-  c.eval.chunk_size = 4  # problems (x 32 samples) per sampler call: 128 rows, as a generation chunk
   c.checkpoint.every, c.checkpoint.keep = 5, 3
   return c

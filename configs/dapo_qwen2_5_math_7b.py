@@ -34,6 +34,6 @@ def get_config(arg=None):
   c.eval.temperature, c.eval.top_p = 1.0, 1.0
   c.eval.every, c.eval.before_train = 2, True
   c.checkpoint.every = 2
-  c.rollout.gen_chunk_size = 32  # prompts (x 16) per sampler call
+  c.rollout.engine.slots = 512  # rows decoding at once (32 prompts x 16)
   c.reward.workers = 8
   return c

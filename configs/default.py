@@ -59,7 +59,14 @@ def get_config(arg=None):
   c.rollout = ml_collections.ConfigDict()
   c.rollout.group_size = 8
   c.rollout.gen_batch_size = 24  # prompts per generation batch
-  c.rollout.gen_chunk_size = 0  # prompts per sampler call within a generation batch (0: all; bounds the KV cache)
+  # streaming: the engine decodes prompt groups as slots free up and hands each finished group to the reward
+  # and the dynamic-sampling filter, stopping once the batch is full (False: whole generation batches).
+  c.rollout.streaming = True
+  # The rollout engine (dapo_jax/engine.py): rows decoding at once (the KV cache's memory budget), tokens per
+  # page, decode steps per jitted chunk; see engine.EngineConfig for the rest.
+  c.rollout.engine = ml_collections.ConfigDict(
+      {"slots": 192, "page_size": 16, "steps_per_chunk": 16, "refill_fraction": 0.125, "prefill_batch": 0,
+       "prefill_chunk": 512, "pages_per_block": 4, "attention_rows": 16})
   c.rollout.train_batch_size = 16  # prompt groups per training step
   c.rollout.max_response_length = 32
   c.rollout.temperature = 1.0
@@ -90,8 +97,7 @@ def get_config(arg=None):
   c.actor.entropy_coef = 0.0
 
   c.eval = ml_collections.ConfigDict(
-      {"every": 20, "num_problems": 100, "k": 4, "temperature": 1.0, "top_p": 1.0, "before_train": True,
-       "chunk_size": 0})  # chunk_size: problems (x k) per sampler call, 0 = all; bounds the KV cache
+      {"every": 20, "num_problems": 100, "k": 4, "temperature": 1.0, "top_p": 1.0, "before_train": True})
   c.checkpoint = ml_collections.ConfigDict({"every": 20, "keep": 3, "asynchronous": True})
   # wandb: also log to Weights & Biases (pip install wandb; wandb_mode "offline" needs no network and no account;
   # "" leaves it to WANDB_MODE / wandb's login), beside metrics.jsonl and TensorBoard.

@@ -7,6 +7,7 @@ import json
 
 from dapo_jax import rewards
 from dapo_jax.dynamic_sampling import DynamicSampling
+from dapo_jax.engine import EngineConfig
 from dapo_jax.rewards import OverlongShaping
 from dapo_jax.sampling import SamplingParams
 from dapo_jax.train_step import UpdateConfig
@@ -45,6 +46,13 @@ def dynamic_sampling(config) -> DynamicSampling:
   r = config.rollout
   return _built(lambda: DynamicSampling(**dict(config.dynamic_sampling), train_batch_size=r.train_batch_size,
                                         gen_batch_size=r.gen_batch_size))
+
+
+def engine_config(config) -> EngineConfig:
+  """The rollout engine's slots and pages (`rollout.engine`; a run config written before it existed gets the
+  defaults)."""
+  fields = dict(config.rollout.get("engine", None) or {})
+  return _built(lambda: EngineConfig(**fields))
 
 
 def gen_batch_prompts(config) -> int:
@@ -106,8 +114,7 @@ def validate(config, mesh=None) -> None:
   # 0 steps is a valid run: the warm start and checkpoint 0, to continue from later.
   _positive_int(config, "total_steps", zero_ok=True)
   _positive_int(config, "checkpoint.every", zero_ok=True, note=" (0: only at the end and on a stop)")
-  _positive_int(config, "rollout.gen_chunk_size", zero_ok=True, note=" (0: the whole generation batch at once)")
-  _positive_int(config, "eval.chunk_size", zero_ok=True, note=" (0: every problem in one call)")
+  engine_config(config)
   _positive_int(config, "eval.every", zero_ok=True, note=" (0: no evaluation during training)")
   _positive_int(config, "log.samples_per_step", zero_ok=True, note=" (responses written to samples.jsonl)")
   # keep=0 would delete every checkpoint, and the rerun would start over.
@@ -175,13 +182,10 @@ def _validate_mesh(config, ds: DynamicSampling, mesh) -> None:
         "rollout.train_batch_size (the generation batch when dynamic sampling is off)"
     _fail(field, f"{ds.gen_batch_prompts} prompts x {r.group_size} responses do not divide over the {data} "
           f"devices of the mesh's data axes")
-  if r.get("gen_chunk_size", 0) and (r.gen_chunk_size * r.group_size) % data:
-    _fail("rollout.gen_chunk_size", f"{r.gen_chunk_size} prompts x {r.group_size} responses do not divide over "
-          f"the {data} devices of the mesh's data axes")
-  chunk = config.eval.get("chunk_size", 0)
-  if chunk and (chunk * config.eval.k) % data:
-    _fail("eval.chunk_size", f"{chunk} problems x {config.eval.k} samples do not divide over the {data} devices "
-          f"of the mesh's data axes")
+  slots = engine_config(config).slots
+  if slots % data:
+    _fail("rollout.engine.slots", f"{slots} decode slots do not divide over the {data} devices of the mesh's data "
+          f"axes; e.g. --config.rollout.engine.slots={-(-slots // data) * data}")
 
 
 # Fields that may change between a run and its resumption without making it another run.

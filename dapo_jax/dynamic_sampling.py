@@ -103,8 +103,10 @@ class GroupAccumulator:
   def ready(self) -> bool:
     return self.kept_groups >= self.s.train_batch_size or self.exhausted
 
-  def add(self, batch: ScoredBatch) -> int:
-    """Adds one generation batch (rows prompt-major, G per group); returns how many groups it kept."""
+  def add(self, batch: ScoredBatch, *, streaming: bool = False) -> int:
+    """Adds one generation batch (rows prompt-major, G per group); returns how many groups it kept.
+    `streaming`: the batch is the groups one engine chunk finished; the limit on generation batches is then
+    applied by `end_of_stream`, on the prompt batches the stream pulled."""
     n_rows = batch.num_rows
     if n_rows % self.g:
       raise ValueError(f"dynamic sampling: {n_rows} rows are not whole groups of {self.g}")
@@ -115,8 +117,20 @@ class GroupAccumulator:
     if rows.size:
       self.parts.append(batch.rows(rows))
     self.kept_groups += int(keep_G.sum())
+    if not streaming:
+      self._check_limit()
+    return int(keep_G.sum())
+
+  def end_of_stream(self, prompt_batches: int):
+    """A stream ended after `prompt_batches` generation batches of prompts (its limit) without filling the
+    batch: raises or trains on the kept groups, per the strategy."""
+    self.num_gen_batches = prompt_batches
+    if not self.ready:
+      self._check_limit(force=True)
+
+  def _check_limit(self, force: bool = False):
     limit = self.s.max_num_gen_batches
-    if not self.ready and limit and self.num_gen_batches >= limit:
+    if not self.ready and (force or (limit and self.num_gen_batches >= limit)):
       msg = (f"dynamic sampling kept {self.kept_groups} of {self.s.train_batch_size} groups after "
              f"{self.num_gen_batches} generation batches (max_num_gen_batches={limit})")
       advice = ": the data may be too easy or too hard for this policy; raise max_num_gen_batches (0 = no limit)"
@@ -127,7 +141,6 @@ class GroupAccumulator:
         raise DynamicSamplingExhausted(msg + ", so even on_exhausted='train_on_kept' has nothing to train on" + advice)
       logging.warning("%s; training on the kept groups", msg)
       self.exhausted = True
-    return int(keep_G.sum())
 
   def take(self) -> tuple[ScoredBatch, dict[str, float]]:
     if not self.ready:

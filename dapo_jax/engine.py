@@ -293,9 +293,10 @@ def _row_sharded(fn, row_axes, n_in, n_out):
 def _decode_jit(graphdef, state, pools, logits_SxV, prompt_logits_RxV, slots, steps, tokens_SxN, logps_SxN,
                 free_target, *, params, page, per_block, rows_per_group, row_axes):
   def run(state, pools, logits_SxV, prompt_logits_RxV, slots, tokens_SxN, logps_SxN, steps, free_target):
-    return _decode_chunk(graphdef, state, pools, logits_SxV, prompt_logits_RxV, slots, tokens_SxN, logps_SxN,
-                         steps[0], free_target[0], params=params, page=page, per_block=per_block,
-                         rows_per_group=rows_per_group)
+    *out, steps_run = _decode_chunk(graphdef, state, pools, logits_SxV, prompt_logits_RxV, slots, tokens_SxN,
+                                    logps_SxN, steps[0], free_target[0], params=params, page=page,
+                                    per_block=per_block, rows_per_group=rows_per_group)
+    return (*out, steps_run[None])  # one count per shard
   shard = jnp.ones((max(1, _shards(row_axes)),), jnp.int32)
   out = _row_sharded(run, row_axes, 9, 7)(state, pools, logits_SxV, prompt_logits_RxV, slots, tokens_SxN,
                                           logps_SxN, shard * steps, shard * free_target)
@@ -390,6 +391,13 @@ class Engine:
   def stream(self, model, requests: Iterable[Request], rng) -> Iterator[GroupResult]:
     """Decodes `requests` (pulled as slots free up) and yields each group once its last row stops, in the
     order they finish. Closing the generator early drops the groups in flight (`stats.dropped_groups`)."""
+    for chunk in self.stream_chunks(model, requests, rng):
+      yield from chunk
+
+  def stream_chunks(self, model, requests: Iterable[Request], rng) -> Iterator[list[GroupResult]]:
+    """As `stream`, a list per decode chunk: the groups whose last row stopped in it. A chunk's list is
+    yielded once the next chunk has been dispatched, so what the caller does with it (scoring) overlaps the
+    decoding."""
     graphdef, state = nnx.split(model) if isinstance(model, Transformer) else model
     cfg = nnx.merge(graphdef, state).cfg if isinstance(model, tuple) else model.cfg
     run = _Run(self, graphdef, state, cfg, iter(requests), rng)
@@ -630,13 +638,16 @@ class _Run:
     self.free_pages[p.shard].extend(p.pages)
     self.free_logit_rows[p.shard].append(p.logits_row)
 
-  def loop(self) -> Iterator[GroupResult]:
+  def loop(self) -> Iterator[list[GroupResult]]:
     c = self.e.config
     h = self.host
+    ready: list[GroupResult] = []
     while True:
       self._prefill_more()
       self._admit()
       if not h["live"].any():
+        if ready:
+          yield ready
         if self.exhausted and not any(self.waiting):
           return
         raise RuntimeError("engine: rows wait but none could be admitted (page pool or prompt rows exhausted)")
@@ -654,10 +665,12 @@ class _Run:
           jnp.asarray(c.steps_per_chunk, jnp.int32), *self.tokens, jnp.asarray(free_target, jnp.int32),
           params=self.e.params, page=self.page, per_block=c.pages_per_block, rows_per_group=c.attention_rows,
           row_axes=self.row_axes)
+      if ready:  # the previous chunk's groups, handled while this chunk decodes
+        yield ready
       gen, live, steps = distributed.to_host((gen, live, steps))
       gen, live = np.array(gen, np.int32), np.array(live, bool)
-      self.counts["chunks"] += 1
       made, slot_steps = int((gen - before_gen).sum()), int(np.asarray(steps).sum()) * self.slots_per_shard
+      self.counts["chunks"] += 1
       self.counts["decode_steps"] += slot_steps
       self.counts["useful_steps"] += made
       self.counts["decoded_tokens"] += made
@@ -665,27 +678,29 @@ class _Run:
         self.counts["queued_decode_steps"] += slot_steps
         self.counts["queued_useful_steps"] += made
       h["generated"], h["live"], h["fresh"][:] = gen, live, False
-      finished = np.flatnonzero(before_live & ~live)
-      if finished.size:
-        tokens, logps = distributed.to_host(tuple(self.tokens))
-        tokens, logps = np.asarray(tokens), np.asarray(logps)
-      done_groups = []
-      for slot in finished:
-        shard, local = divmod(int(slot), self.slots_per_shard)
-        p = self.slot_prompt[shard][local]
-        j, n = int(self.slot_row[slot]), int(gen[slot])
-        p.tokens[j], p.logprobs[j] = tokens[slot, :n].copy(), logps[slot, :n].copy()
-        last = int(tokens[slot, n - 1])
-        p.truncated[j] = last not in self.e.params.stop_ids
-        p.running -= 1
-        p.finished += 1
-        self.free_pages[shard].extend(self.slot_pages[slot])
-        self.slot_pages[slot] = []
-        self.slot_prompt[shard][local] = None
-        h["table"][slot] = 0
-        if p.finished == p.request.num_samples:
-          self._release_prompt(p)
-          del self.in_flight[p.index]
-          done_groups.append(p)
-      for p in sorted(done_groups, key=lambda p: p.index):
-        yield GroupResult(p.request, p.tokens, p.logprobs, p.truncated)
+      ready = self._collect(np.flatnonzero(before_live & ~live), gen)
+
+  def _collect(self, finished, gen) -> list[GroupResult]:
+    """Frees the slots whose rows stopped; returns the groups that are now complete, in admission order."""
+    if not finished.size:
+      return []
+    tokens, logps = distributed.to_host(tuple(self.tokens))
+    tokens, logps = np.asarray(tokens), np.asarray(logps)
+    done = []
+    for slot in finished:
+      shard, local = divmod(int(slot), self.slots_per_shard)
+      p = self.slot_prompt[shard][local]
+      j, n = int(self.slot_row[slot]), int(gen[slot])
+      p.tokens[j], p.logprobs[j] = tokens[slot, :n].copy(), logps[slot, :n].copy()
+      p.truncated[j] = int(tokens[slot, n - 1]) not in self.e.params.stop_ids
+      p.running -= 1
+      p.finished += 1
+      self.free_pages[shard].extend(self.slot_pages[slot])
+      self.slot_pages[slot] = []
+      self.slot_prompt[shard][local] = None
+      self.host["table"][slot] = 0
+      if p.finished == p.request.num_samples:
+        self._release_prompt(p)
+        del self.in_flight[p.index]
+        done.append(p)
+    return [GroupResult(p.request, p.tokens, p.logprobs, p.truncated) for p in sorted(done, key=lambda p: p.index)]

@@ -33,7 +33,7 @@ def main(argv):
   F = flags.FLAGS
   config, mesh, _ = cli.start_checkpoint_program()
   import jax
-  from dapo_jax import distributed, runs
+  from dapo_jax import config_lib, distributed, runs
   from dapo_jax.evaluation import evaluate_rows
   # Built outside `jax.set_mesh`: abstract models carry logical axis names, which are not mesh axes.
   model, tokenizer = runs.load_policy(F.checkpoint, config, mesh)
@@ -42,10 +42,10 @@ def main(argv):
     if F.limit:
       rows = rows[:F.limit]
     reward = F.reward or config.reward.name
-    # The config's evaluation chunk and reward workers: the recipes size them for their accelerators.
+    # The config's engine slots and reward workers: the recipes size them for their accelerators.
     summary = evaluate_rows(model, tokenizer, rows, k=F.k, temperature=F.temperature,
                             top_p=F.top_p, max_new_tokens=F.max_new_tokens or config.rollout.max_response_length,
-                            seed=F.seed, reward_name=reward, batch_prompts=config.eval.get("chunk_size", 0) or 8,
+                            seed=F.seed, reward_name=reward, engine=config_lib.engine_config(config),
                             workers=config.reward.workers, timeout_s=config.reward.timeout_s,
                             kill_after_s=config.reward.get("kill_after_s", 5.0))
   summary.update(dataset=F.dataset, k=F.k, temperature=F.temperature, top_p=F.top_p, checkpoint=F.checkpoint)

@@ -24,6 +24,7 @@ import numpy as np
 from dapo_jax import config_lib
 from dapo_jax.rewards import RewardExecutor
 from dapo_jax.rollout import Rollouts, ScoredBatch
+from dapo_jax.engine import EngineConfig
 from dapo_jax.sampling import SamplingParams
 
 BOOTSTRAP_DRAWS, BOOTSTRAP_SEED = 1000, 42
@@ -123,16 +124,16 @@ def score_rows(model, rollouts: Rollouts, rows: list[dict], rng) -> tuple[Scored
 
 
 def evaluate_rows(model, tokenizer, rows, *, k: int, temperature: float, top_p: float,
-                  max_new_tokens: int, seed: int = 0, batch_prompts: int = 8, workers: int = 2,
+                  max_new_tokens: int, seed: int = 0, engine: EngineConfig = EngineConfig(), workers: int = 2,
                   reward_name: str = "math_dapo", timeout_s: float = 5.0, kill_after_s: float = 5.0) -> dict:
-  """The summary (`summarize`) of k samples to each row's prompt, `batch_prompts` prompts per sampler call
-  (chunk i with fold_in(key(seed), i), as training's evaluation), with a sample response per problem. Every
-  process samples its share of each call's rows and scores its block of the responses; all get the summary."""
+  """The summary (`summarize`) of k samples to each row's prompt (problem i with fold_in(key(seed), i), as
+  training's evaluation), with a sample response per problem, sampled by the rollout engine (`engine`: its
+  slots). Every process scores its block of the responses; all get the summary."""
   import jax
   params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
   with RewardExecutor(reward_name, workers=workers, timeout_s=timeout_s, kill_after_s=kill_after_s) as executor:
-    rollouts = Rollouts(tokenizer, executor, params, num_samples=k, chunk_size=batch_prompts, fill=True)
+    rollouts = Rollouts(tokenizer, executor, params, num_samples=k, engine=engine)
     batch, summary = score_rows(model, rollouts, rows, jax.random.key(seed))
   for j, s in enumerate(summary["problems"]):
     s["sample"] = str(batch.text_B[j * k])[-300:]
@@ -150,9 +151,7 @@ def evaluate_task(model, task, config, rng, executor: RewardExecutor) -> dict[st
   e = config.eval
   rows = task.eval_rows[: e.num_problems]
   params = config_lib.sampling_params(config, task.tokenizer, evaluation=True)
-  # `eval.chunk_size` problems (x k samples) per sampler call, as rollout.gen_chunk_size for training.
-  rollouts = Rollouts(task.tokenizer, executor, params, num_samples=e.k, chunk_size=e.get("chunk_size", 0),
-                      fill=True)
+  rollouts = Rollouts(task.tokenizer, executor, params, num_samples=e.k, engine=config_lib.engine_config(config))
   batch, summary = score_rows(model, rollouts, rows, rng)
   overall, boot = summary["overall"], summary["bootstrap"]
   out = {"val/acc/mean": overall[f"avg@{e.k}"], f"val/pass@{e.k}": overall[f"pass@{e.k}"],

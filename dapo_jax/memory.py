@@ -4,8 +4,9 @@ before anything is compiled.
 Counts: parameters, AdamW moments and the float32 gradient accumulator (sharded over fsdp x tensor), and with
 a KL term the frozen reference policy's parameters; the
 update step's activations for one micro-batch (no rematerialisation: what a layer's backward needs, the
-materialised attention scores, the logits); the sampler's KV cache for one generation batch. Training and
-sampling do not overlap, so the peak is the state plus the larger of the two.
+materialised attention scores, the logits); the rollout engine's page pool (every slot's whole token budget,
+and the pages of the prompts it holds) and its prefill. Training and sampling do not overlap, so the peak is
+the state plus the larger of the two.
 """
 
 from __future__ import annotations
@@ -42,14 +43,17 @@ class MemoryEstimate:
     rows = [("parameters", self.params)] + ([("reference policy (KL term)", self.reference)] if self.reference else [])
     rows += [("optimizer (AdamW moments)", self.optimizer),
             ("gradients (float32)", self.gradients), ("activations (one micro-batch)", self.activations),
-            ("KV cache (one sampler call)", self.kv_cache), ("peak", self.peak)]
+            ("KV pages (rollout engine)", self.kv_cache), ("peak", self.peak)]
     out = [f"{name:34s} {value / GIB:9.2f} GiB" for name, value in rows]
     out.append(f"{'device memory':34s} {self.device_gib:9.2f} GiB ({'fits' if self.fits else 'DOES NOT FIT'})")
     return "\n".join(out)
 
 
-def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_rows: int, prompt_len: int,
-             response_len: int, device_gib: float, group_size: int = 1, reference: bool = False) -> MemoryEstimate:
+def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, slots: int, prompt_len: int,
+             response_len: int, device_gib: float, page_size: int = 16, prefill_batch: int = 0,
+             slots_split: bool = True, reference: bool = False) -> MemoryEstimate:
+  """`slots_split`: the engine's slots and pages divide over the data axes (a mesh that only splits rows,
+  `sharding.row_local_axes`); otherwise every device holds the whole pool, its heads split over `tensor`."""
   data = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
   tensor = mesh_shape.get("tensor", 1)
   shards = mesh_shape.get("fsdp", 1) * tensor
@@ -73,9 +77,13 @@ def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, gen_r
     layers = l * per_layer
   activations = rows * (layers + logits)
   kv_heads = cfg.num_kv_heads / min(tensor, cfg.num_kv_heads)
-  # The sampler keeps a prompt's keys and values once for its `group_size` rows, generated ones per row.
-  slots = prompt_len / group_size + response_len
-  kv_cache = max(gen_rows / data, 1) * 2 * l * kv_heads * cfg.head_dim * slots * cbytes
+  # Pages (engine._Run._ensure_pools): page 0, each slot's whole budget, the prompts of the slots and of one
+  # prefill batch; the prefill's contiguous keys and values and its logits beside them.
+  local = max(slots / data, 1) if slots_split else slots
+  prefill = prefill_batch or local
+  pages = 1 + local * -(-response_len // page_size) + (local + prefill) * -(-prompt_len // page_size)
+  token_bytes = 2 * l * kv_heads * cfg.head_dim * cbytes
+  kv_cache = pages * page_size * token_bytes + prefill * prompt_len * (token_bytes + 4 * cfg.vocab_size / tensor)
   return MemoryEstimate(params, optimizer, gradients, activations, kv_cache, device_gib,
                         reference=params if reference else 0.0)
 
@@ -105,15 +113,13 @@ def device_gib_for(config, device=None) -> float:
 
 def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict,
                         device_gib: float | None = None) -> MemoryEstimate:
-  r, e = config.rollout, config.eval
-  prompts = config_lib.gen_batch_prompts(config)
-  gen_rows = min(r.gen_chunk_size or prompts, prompts) * r.group_size
-  if e.every or e.get("before_train", False):
-    # Evaluation samples too, `eval.chunk_size` problems x k a call (slightly over: a prompt's keys and
-    # values are counted once per group of rollout.group_size rows, not of k).
-    gen_rows = max(gen_rows, (e.get("chunk_size", 0) or e.num_problems) * e.k)
+  r = config.rollout
+  engine = config_lib.engine_config(config)
+  # Slots split over the data axes only where no parameter is split there (sharding.row_local_axes).
+  split = mesh_shape.get("fsdp", 1) == 1 and mesh_shape.get("tensor", 1) == 1
   return estimate(model_cfg, mesh_shape=mesh_shape, micro_batch_rows=config.actor.micro_batch_size,
-                  gen_rows=gen_rows, prompt_len=config.data.max_prompt_length,
+                  slots=engine.slots, prompt_len=config.data.max_prompt_length,
                   response_len=r.max_response_length,
                   device_gib=config.hardware.device_memory_gib if device_gib is None else device_gib,
-                  group_size=r.group_size, reference=config.actor.kl_coef > 0)
+                  page_size=engine.page_size, prefill_batch=engine.prefill_batch, slots_split=split,
+                  reference=config.actor.kl_coef > 0)

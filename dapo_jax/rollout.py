@@ -1,5 +1,7 @@
-"""From prompts to a scored batch: sample G responses per prompt in chunks, decode them, score them through
-the reward executor and shape their rewards for length. Training and evaluation both go through `Rollouts`.
+"""From prompts to a scored batch: sample G responses per prompt with the rollout engine (`engine.py`), decode
+them, score them through the reward executor and shape their rewards for length. Training and evaluation
+both go through `Rollouts`; training streams (`Rollouts.stream`) so that dynamic sampling sees groups as they
+finish.
 
     rollouts = Rollouts(tokenizer, executor, params, num_samples=8, overlong=overlong)
     batch = rollouts(model, rows, rng)          # a ScoredBatch, rows prompt-major
@@ -12,14 +14,14 @@ groups, and the update's `Batch` is made from it (`train.py`).
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
-import jax
 import numpy as np
 
 from dapo_jax import distributed
 from dapo_jax.rewards import OverlongShaping, RewardExecutor
-from dapo_jax.sampling import Rollout, SamplingParams, generate
+from dapo_jax.engine import Engine, EngineConfig, GroupResult, Request
+from dapo_jax.sampling import SamplingParams
 from dapo_jax.tokenizer import Tokenizer
 
 # Prompts are left-padded (their last token is next to the response), responses right-padded.
@@ -124,24 +126,6 @@ class ScoredBatch(NamedTuple):
     return cls(**{k: np.asarray(record[k]) if k in record else defaults[k]() for k in cls._fields})
 
 
-def generate_in_chunks(model, prompts: list, params: SamplingParams, rng, num_samples: int, size: int,
-                       *, fill: bool = False) -> Rollout:
-  """`generate` over `size` prompts at a time (0: all at once; bounds the KV cache), on host. Chunk i samples
-  with fold_in(rng, i) (rng itself when there is one chunk). `fill`: the last chunk is filled up with repeats
-  of its first prompt (every call one program), whose samples are dropped."""
-  size = size or len(prompts)
-  parts = []
-  for i, start in enumerate(range(0, len(prompts), size)):
-    chunk = list(prompts[start:start + size])
-    real = len(chunk) * num_samples
-    if fill:
-      chunk += [chunk[0]] * (size - len(chunk))
-    key = rng if size >= len(prompts) else jax.random.fold_in(rng, i)
-    out = distributed.to_host(generate(model, chunk, params, key, num_samples=num_samples))
-    parts.append(Rollout(*(np.asarray(x)[:real] for x in out)))
-  return parts[0] if len(parts) == 1 else _concat_fields(Rollout, parts)
-
-
 def score_shared(executor: RewardExecutor, texts: list[str], truths: list) -> list[dict]:
   """Each process scores its block of the responses; every process gets all the results, in order."""
   block = distributed.share(len(texts))
@@ -149,33 +133,62 @@ def score_shared(executor: RewardExecutor, texts: list[str], truths: list) -> li
 
 
 class Rollouts:
-  """Samples `num_samples` responses to each task row's prompt and scores them into a `ScoredBatch`.
+  """Samples `num_samples` responses to each task row's prompt with the rollout engine and scores them into
+  a `ScoredBatch`.
 
-  `chunk_size` prompts per sampler call (0: all at once; bounds the KV cache); `fill` fills the last chunk
-  up to the others' size (one program per call; evaluation). `overlong`: the soft length penalty (None: no
-  penalty). Every process passes the same rows and gets the same batch; each scores its block of the
-  responses."""
+  `engine`: the engine's slots and pages (`engine.EngineConfig`; they bound the KV cache). `overlong`: the
+  soft length penalty (None: no penalty). Every process passes the same rows and gets the same batch; each
+  scores its block of the responses. Group i of a call (group id first_group + i) samples with
+  fold_in(rng, first_group + i): its responses do not depend on the other rows, the slots or the order."""
 
   def __init__(self, tokenizer: Tokenizer, executor: RewardExecutor, params: SamplingParams, *,
-               num_samples: int, chunk_size: int = 0, fill: bool = False, overlong: OverlongShaping | None = None):
+               num_samples: int, engine: EngineConfig = EngineConfig(), overlong: OverlongShaping | None = None):
     if num_samples <= 0:
       raise ValueError(f"Rollouts: num_samples must be positive, got {num_samples}")
     self.tokenizer, self.executor, self.params = tokenizer, executor, params
-    self.num_samples, self.chunk_size, self.fill, self.overlong = num_samples, chunk_size, fill, overlong
+    self.num_samples, self.overlong = num_samples, overlong
+    self.engine = Engine(params, engine)
 
   def __call__(self, model, rows: list[dict], rng, *, first_group: int = 0,
                timings: dict | None = None) -> ScoredBatch:
-    """`rows` carry `prompt_ids` and `answer`; their groups get ids first_group, first_group + 1, ..."""
+    """`rows` carry `prompt_ids` and `answer`; their groups get ids first_group, first_group + 1, ... The
+    batch is in the rows' order."""
     timings = {} if timings is None else timings
-    g = self.num_samples
     t0 = time.perf_counter()
-    out = generate_in_chunks(model, [r["prompt_ids"] for r in rows], self.params, rng, g, self.chunk_size,
-                             fill=self.fill)
+    requests = [Request(r["prompt_ids"], self.num_samples, first_group + i, tag=r) for i, r in enumerate(rows)]
+    done = {res.request.key_id: res for res in self.engine.stream(model, requests, rng)}
+    results = [done[first_group + i] for i in range(len(rows))]
+    timings["timing_s/gen"] = timings.get("timing_s/gen", 0.0) + time.perf_counter() - t0
+    return self._scored(results, timings)
+
+  def stream(self, model, rows: Iterable[dict], rng, *, first_group: int = 0,
+             timings: dict | None = None) -> Iterator[ScoredBatch]:
+    """Streaming: the groups of `rows` (pulled as the engine has room) as scored batches, each holding the
+    groups whose last row stopped in one decode chunk, in the order they stopped. Each batch is scored while
+    the engine decodes the next chunk; closing the generator stops decoding (`self.engine.stats` counts the
+    groups dropped in flight)."""
+    timings = {} if timings is None else timings
+    requests = (Request(r["prompt_ids"], self.num_samples, first_group + i, tag=r) for i, r in enumerate(rows))
+    chunks = self.engine.stream_chunks(model, requests, rng)
+    try:
+      while True:
+        t0 = time.perf_counter()
+        results = next(chunks, None)
+        timings["timing_s/gen"] = timings.get("timing_s/gen", 0.0) + time.perf_counter() - t0
+        if results is None:
+          return
+        yield self._scored(results, timings)
+    finally:
+      chunks.close()  # the engine's stats are final once the stream is
+
+  def _scored(self, results: list[GroupResult], timings: dict) -> ScoredBatch:
     t1 = time.perf_counter()
+    g = self.num_samples
+    out = self.engine.to_rollout(results)
     tokens, mask = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN).astype(bool)
     texts = [self.tokenizer.decode(tokens[i][mask[i]]) for i in range(len(tokens))]
-    truths = [rows[i // g]["answer"] for i in range(len(tokens))]
-    results = score_shared(self.executor, texts, truths)
+    truths = [res.request.tag["answer"] for res in results for _ in range(g)]
+    scores = score_shared(self.executor, texts, truths)
     lengths = np.asarray(out.lengths_B).astype(np.int32)
     n = len(tokens)
     penalty = self.overlong.penalty(lengths) if self.overlong is not None else np.zeros(n)
@@ -184,14 +197,13 @@ class Rollouts:
         tokens_BxN=tokens, mask_BxN=mask, sampler_logp_BxN=np.asarray(out.logprobs_BxN, np.float32),
         old_logp_BxN=np.zeros(tokens.shape, np.float32), old_logp_known_B=np.zeros(n, bool),
         lengths_B=lengths, truncated_B=np.asarray(out.truncated_B).astype(bool),
-        score_B=np.asarray([r["score"] for r in results], np.float32),
-        acc_B=np.asarray([float(bool(r["acc"])) for r in results], np.float32),
+        score_B=np.asarray([r["score"] for r in scores], np.float32),
+        acc_B=np.asarray([float(bool(r["acc"])) for r in scores], np.float32),
         penalty_B=np.asarray(penalty, np.float32),
-        pred_B=_objects([str(r.get("pred", "")) for r in results]),
-        has_pred_B=np.asarray(["pred" in r for r in results], bool),
-        timeout_B=np.asarray([bool(r.get("timeout")) for r in results], bool),
+        pred_B=_objects([str(r.get("pred", "")) for r in scores]),
+        has_pred_B=np.asarray(["pred" in r for r in scores], bool),
+        timeout_B=np.asarray([bool(r.get("timeout")) for r in scores], bool),
         text_B=_objects(texts), truth_B=_objects(truths),
-        group_B=np.repeat(np.arange(first_group, first_group + len(rows), dtype=np.int64), g))
-    timings["timing_s/gen"] = timings.get("timing_s/gen", 0.0) + t1 - t0
+        group_B=np.repeat(np.asarray([res.request.key_id for res in results], np.int64), g))
     timings["timing_s/reward"] = timings.get("timing_s/reward", 0.0) + time.perf_counter() - t1
     return batch

@@ -266,7 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = Progress(config.total_steps, step, enabled=config.log.progress and is_main)
     with config_lib.reward_executor(config) as executor, _Stop() as stop, jax.set_mesh(mesh):
       rollouts = Rollouts(task.tokenizer, executor, config_lib.sampling_params(config, task.tokenizer),
-                          num_samples=g, chunk_size=r.gen_chunk_size, overlong=overlong)
+                          num_samples=g, engine=config_lib.engine_config(config), overlong=overlong)
+      streaming = r.get("streaming", False)
 
       def evaluate(at_step):
         return evaluate_task(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9 + at_step),
@@ -283,19 +284,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         t_step = time.perf_counter()
         policy = trainer.model(state)
 
-        # prompt -> rollout -> reward -> filter: generation batches until the kept groups fill the batch.
+        # prompt -> rollout -> reward -> filter: until the kept groups fill the batch. Group ids are unique
+        # within the run (the step, then the group's place among the step's prompts); a group samples with
+        # fold_in(step's key, its id).
         sampled = []
-        while not accumulator.ready:
-          gen_index = len(sampled)
-          # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
-          prompt_rows = distributed.gather_list(iterator.next_batch(prompts))
-          rng = jax.random.fold_in(jax.random.fold_in(base_key, step), gen_index)
-          # Group ids unique within the run: the step, then the group's place in the step's generation batches.
-          sampled.append(rollouts(policy, prompt_rows, rng, first_group=step * 2**24 + gen_index * prompts,
-                                  timings=timings))
-          _check_finite_rollout(sampled[-1], step + 1, config, checkpointer)  # before the filter reads it
-          accumulator.add(sampled[-1])
+        rng = jax.random.fold_in(base_key, step)
+        if streaming:
+          sampled, decoded, dropped = _stream_groups(rollouts, policy, iterator, accumulator, strategy, prompts,
+                                                     rng, step, timings, config, checkpointer)
+        else:
+          while not accumulator.ready:
+            gen_index = len(sampled)
+            # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
+            prompt_rows = distributed.gather_list(iterator.next_batch(prompts))
+            sampled.append(rollouts(policy, prompt_rows, rng, first_group=step * 2**24 + gen_index * prompts,
+                                    timings=timings))
+            _check_finite_rollout(sampled[-1], step + 1, config, checkpointer)  # before the filter reads it
+            accumulator.add(sampled[-1])
+          decoded, dropped = sum(int(s.lengths_B.sum()) for s in sampled), 0
         batch, ds_metrics = accumulator.take()
+        ds_metrics["train/dropped_groups"] = float(dropped)
+        ds_metrics["train/decoded_tokens_per_trained_token"] = decoded / max(float(batch.lengths_B.sum()), 1.0)
 
         # advantage, and the loss mask of overlong filtering
         with _timed(timings, "adv"):
@@ -351,6 +360,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     plot_run(workdir)
   return last_eval
+
+
+def _stream_groups(rollouts: Rollouts, policy, iterator, accumulator: GroupAccumulator, strategy, prompts: int,
+                   rng, step: int, timings: dict, config, checkpointer) -> tuple[list[ScoredBatch], int, int]:
+  """Streaming dynamic sampling: the engine pulls prompts (generation batches of `prompts`, at most
+  `max_num_gen_batches` of them) as its slots free up; each decode chunk's finished groups are scored and
+  filtered while the next chunk decodes, and decoding stops once the batch is full (the groups in flight
+  are dropped). Returns (scored parts, tokens decoded, groups dropped)."""
+  pulled = []
+
+  def prompt_rows():
+    limit = strategy.max_num_gen_batches
+    while not limit or len(pulled) < limit:
+      # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
+      rows = distributed.gather_list(iterator.next_batch(prompts))
+      pulled.append(len(rows))
+      yield from rows
+
+  sampled = []
+  stream = rollouts.stream(policy, prompt_rows(), rng, first_group=step * 2**24, timings=timings)
+  try:
+    for part in stream:
+      if not part.num_rows:
+        continue
+      sampled.append(part)
+      _check_finite_rollout(part, step + 1, config, checkpointer)  # before the filter reads it
+      accumulator.add(part, streaming=True)
+      if accumulator.ready:
+        break
+  finally:
+    stream.close()
+  if not accumulator.ready:
+    accumulator.end_of_stream(len(pulled))
+  accumulator.num_gen_batches = len(pulled)
+  stats = rollouts.engine.stats
+  return sampled, stats.decoded_tokens, stats.dropped_groups
 
 
 def _diverged(step: int, what: str, config, checkpointer) -> NonFiniteError:
