@@ -48,19 +48,18 @@ class EngineConfig:
   """slots: rows decoding at once (over all devices). page_size: tokens per KV page. steps_per_chunk: decode
   steps per jitted call; a chunk also ends early once `refill_fraction` of the slots are free and rows wait.
   prefill_batch: prompts prefilled per call (0: enough to fill every slot's group). prefill_chunk: a prompt
-  longer than this is prefilled in pieces of this many tokens (0: whole). pages_per_block, attention_rows:
-  attention reads this many pages for this many rows (of similar length) per step of its loop."""
+  longer than this is prefilled in pieces of this many tokens (0: whole). attention_rows: prompts whose pages
+  attention reads at a time."""
   slots: int = 64
   page_size: int = 16
   steps_per_chunk: int = 16
   refill_fraction: float = 0.125
   prefill_batch: int = 0
   prefill_chunk: int = 512
-  pages_per_block: int = 4
-  attention_rows: int = 16
+  attention_rows: int = 8
 
   def __post_init__(self):
-    for name in ("slots", "page_size", "steps_per_chunk", "pages_per_block", "attention_rows"):
+    for name in ("slots", "page_size", "steps_per_chunk", "attention_rows"):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"rollout.engine.{name}: must be a positive integer, got {value!r}")
@@ -120,136 +119,158 @@ class EngineStats(NamedTuple):
 # ---------------------------------------------------------------------------------------------------- device
 
 
-def _pool_shapes(cfg, pages: int, page: int):
-  return (pages, cfg.num_kv_heads, cfg.head_dim, page), (pages, cfg.num_kv_heads, page, cfg.head_dim)
-
-
-def paged_attend(table_SxM, valid_fn, write_page_S, write_off_S, blocks_S, order_S, page: int, per_block: int,
-                 rows: int):
-  """The engine's `attend` (see `Transformer.decode_step`) over per-layer page pools (kt, v).
-
-  The new key and value go to page `write_page_S` (out of range: dropped) at offset `write_off_S`. A slot
-  reads its table's pages `per_block` at a time, `blocks_S` blocks, with an online softmax. Work goes in
-  (block, row group) pairs: the slots in `order_S` (longest first) form groups of `rows`, and a group reads
-  block j only if one of its slots has it, so a step's work follows the live rows' lengths, not S times the
-  longest. Each slot's blocks are read in order and its arithmetic does not depend on the other slots of its
-  group: a row gives the same numbers whatever its slot."""
-  def attend(cfg, q_SxKxRxH, k_SxKxH, v_SxKxH, pools):
-    kt_pool, v_pool = pools
-    dt = jnp.dtype(cfg.dtype)
-    kt_pool = kt_pool.at[write_page_S, :, :, write_off_S].set(k_SxKxH.astype(kt_pool.dtype), mode="drop")
-    v_pool = v_pool.at[write_page_S, :, write_off_S, :].set(v_SxKxH.astype(v_pool.dtype), mode="drop")
-    s, kvh, r, hd = q_SxKxRxH.shape
-    neg = jnp.finfo(jnp.float32).min
-    scale = 1.0 / math.sqrt(hd)
-    q = q_SxKxRxH.astype(dt)
-    groups = s // rows
-    group_blocks_G = jnp.max(blocks_S[order_S].reshape(groups, rows), axis=1)
-    num_blocks = table_SxM.shape[1] // per_block
-    # (block, group) pairs in block-major order, the needed ones first.
-    needed = (jnp.arange(num_blocks)[:, None] < group_blocks_G[None, :]).reshape(-1)
-    pairs = jnp.argsort(~needed, stable=True).astype(jnp.int32)
-
-    def block(i, c):
-      m_SxKxR, l_SxKxR, o_SxKxRxH = c
-      j, g = pairs[i] // groups, pairs[i] % groups
-      rows_R = jax.lax.dynamic_slice_in_dim(order_S, g * rows, rows)
-      pages_RxB = jax.lax.dynamic_slice_in_dim(table_SxM[rows_R], j * per_block, per_block, axis=1)
-      kt_RxBxKxHxP = kt_pool[pages_RxB].astype(dt)
-      v_RxBxKxPxH = v_pool[pages_RxB].astype(dt)
-      scores = jnp.einsum("skrh,sbkhp->skrbp", q[rows_R], kt_RxBxKxHxP, preferred_element_type=jnp.float32) * scale
-      valid_RxBxP = valid_fn(rows_R, j * per_block + jnp.arange(per_block))
-      scores = jnp.where(valid_RxBxP[:, None, None], scores, neg)
-      m_old = m_SxKxR[rows_R]
-      m_new = jnp.maximum(m_old, jnp.max(scores, axis=(-2, -1)))
-      alpha = jnp.exp(m_old - m_new)
-      p = jnp.exp(scores - m_new[..., None, None])
-      l_new = l_SxKxR[rows_R] * alpha + jnp.sum(p, axis=(-2, -1))
-      pv = jnp.einsum("skrbp,sbkph->skrh", p.astype(dt), v_RxBxKxPxH, preferred_element_type=jnp.float32)
-      o_new = o_SxKxRxH[rows_R] * alpha[..., None] + pv
-      return m_SxKxR.at[rows_R].set(m_new), l_SxKxR.at[rows_R].set(l_new), o_SxKxRxH.at[rows_R].set(o_new)
-
-    init = (jnp.full((s, kvh, r), neg, jnp.float32), jnp.ones((s, kvh, r), jnp.float32),
-            jnp.zeros((s, kvh, r, hd), jnp.float32))
-    _, l_SxKxR, o_SxKxRxH = jax.lax.fori_loop(0, jnp.sum(needed), block, init)
-    return (o_SxKxRxH / l_SxKxR[..., None]).astype(dt), (kt_pool, v_pool)
-  return attend
+def segment_length(budget: int) -> int:
+  """Generated keys and values live in up to 4 segments of this many tokens per slot; a step attends to the
+  segments some live row has reached (as the static sampler does)."""
+  return budget if budget < 32 else -(-budget // 4)
 
 
 class _Slots(NamedTuple):
-  """Per-slot state the host sets between chunks ([S] unless noted)."""
-  table_SxM: jax.Array  # int32 page ids: prompt pages, then the row's own
-  prompt_len_S: jax.Array  # int32
-  prompt_pages_S: jax.Array  # int32
+  """Per-slot state the host sets between chunks ([S])."""
+  prompt_row_S: jax.Array  # int32: the row of its prompt (prompt logits, page table, members)
   generated_S: jax.Array  # int32 tokens generated so far
   budget_S: jax.Array  # int32
   key_Sx2: jax.Array  # uint32 key data of the row
   live_S: jax.Array  # bool: decoding
-  fresh_S: jax.Array  # bool: admitted since the last chunk (its logits come from the prompt's)
-  prompt_index_S: jax.Array  # int32 row of the prompt logits
-  order_S: jax.Array  # int32 slots, longest row first (groups of attention work)
+  fresh_S: jax.Array  # bool: admitted since the last chunk (its logits are its prompt's)
+  start_S: jax.Array  # int32: the ring column of its first generated token
 
 
-def _decode_chunk(graphdef, state, pools, logits_SxV, prompt_logits_RxV, slots: _Slots, tokens_SxN, logps_SxN,
-                  steps, free_target, *, params: SamplingParams, page: int, per_block: int, rows_per_group: int):
+class _Prompts(NamedTuple):
+  """Per resident prompt ([R, ...]): its pages, length and the slots of its rows."""
+  table_RxQ: jax.Array  # int32 page ids (page 0: zeros)
+  length_R: jax.Array  # int32
+  members_RxG: jax.Array  # int32 slots of its rows (S: none)
+  order_R: jax.Array  # int32: the rows with members first (attention reads those)
+  active: jax.Array  # int32 [1]: how many rows have members
+
+
+def engine_attend(slots: _Slots, prompts: _Prompts, gen_S, live_S, column, *, page: int, seg: int, rows: int):
+  """The engine's `attend` (see `Transformer.decode_step`). A layer's cache is (prompt pages (kt, v), [gen
+  segment (kt, v)]): each prompt's keys and values once, in pages, read once per step for all its rows (their
+  queries gathered into one matrix), `rows` prompts at a time; each slot's generated keys and values in its
+  own row of a ring of 4 segments, where every live row writes at the same `column` (a row that started at
+  ring column c has its token t at c + t), so a step writes one column in place and reads only the segments
+  the oldest live row spans. An online softmax joins the parts; parts a row does not have (fully masked)
+  change nothing of its result, bit for bit, so a row's numbers do not depend on the other rows."""
+  def attend(cfg, q_SxKxRxH, k_SxKxH, v_SxKxH, cache):
+    (pkt_pool, pv_pool), segments = cache
+    dt = jnp.dtype(cfg.dtype)
+    s_count, kvh, r, hd = q_SxKxRxH.shape
+    neg = jnp.finfo(jnp.float32).min
+    scale = 1.0 / math.sqrt(hd)
+    q = q_SxKxRxH.astype(dt)
+    ring = seg * len(segments)
+    new_segments = []
+    for i, kv in enumerate(segments):
+      def write(kv):
+        kt, vv = kv
+        off = column - i * seg
+        return (jax.lax.dynamic_update_slice(kt, k_SxKxH[..., None].astype(kt.dtype), (0, 0, 0, off)),
+                jax.lax.dynamic_update_slice(vv, v_SxKxH[:, :, None].astype(vv.dtype), (0, 0, off, 0)))
+      new_segments.append(jax.lax.cond(column // seg == i, write, lambda kv: kv, kv))
+
+    # The prompt part: per resident prompt, its rows' queries against its pages.
+    g = prompts.members_RxG.shape[1]
+    q_pages = prompts.table_RxQ.shape[1]
+
+    def prompt_block(i, c):
+      m_SxKxR, l_SxKxR, o_SxKxRxH = c
+      rows_B = jax.lax.dynamic_slice_in_dim(prompts.order_R, i * rows, rows)
+      members_BxG = prompts.members_RxG[rows_B]
+      q_BxGxKxRxH = q[jnp.minimum(members_BxG, s_count - 1)]
+      q_BxKxQxH = q_BxGxKxRxH.transpose(0, 2, 1, 3, 4).reshape(rows, kvh, g * r, hd)
+      pages_BxQ = prompts.table_RxQ[rows_B]
+      kt_BxQxKxHxP = pkt_pool[pages_BxQ].astype(dt)
+      v_BxQxKxPxH = pv_pool[pages_BxQ].astype(dt)
+      scores = jnp.einsum("bkqh,bnkhp->bkqnp", q_BxKxQxH, kt_BxQxKxHxP, preferred_element_type=jnp.float32) * scale
+      pos_QxP = jnp.arange(q_pages)[:, None] * page + jnp.arange(page)[None]
+      valid_BxQxP = pos_QxP[None] < prompts.length_R[rows_B][:, None, None]
+      scores = jnp.where(valid_BxQxP[:, None, None], scores, neg)
+      m = jnp.max(scores, axis=(-2, -1))
+      p = jnp.exp(scores - m[..., None, None])
+      l = jnp.sum(p, axis=(-2, -1))
+      o = jnp.einsum("bkqnp,bnkph->bkqh", p.astype(dt), v_BxQxKxPxH, preferred_element_type=jnp.float32)
+      to_slots = lambda x: x.reshape(rows, kvh, g, r, *x.shape[3:]).swapaxes(1, 2).reshape(
+          rows * g, kvh, r, *x.shape[3:])
+      dest = members_BxG.reshape(-1)  # S: none, dropped
+      return (m_SxKxR.at[dest].set(to_slots(m), mode="drop"), l_SxKxR.at[dest].set(to_slots(l), mode="drop"),
+              o_SxKxRxH.at[dest].set(to_slots(o), mode="drop"))
+
+    init = (jnp.full((s_count, kvh, r), neg, jnp.float32), jnp.ones((s_count, kvh, r), jnp.float32),
+            jnp.zeros((s_count, kvh, r, hd), jnp.float32))
+    carry = jax.lax.fori_loop(0, (prompts.active[0] + rows - 1) // rows, prompt_block, init)
+
+    # The generated part: the segments holding a token of some live row (the oldest live row's tokens span
+    # the ring columns column - oldest .. column).
+    oldest = jnp.max(jnp.where(live_S, gen_S, -1))
+    for i, (kt, vv) in enumerate(new_segments):
+      back = jnp.where(column // seg == i, 0, (column - (i * seg + seg - 1)) % ring)
+
+      def segment(c, kt=kt, vv=vv, i=i):
+        m_SxKxR, l_SxKxR, o_SxKxRxH = c
+        scores = jnp.einsum("skrh,skhp->skrp", q, kt.astype(dt), preferred_element_type=jnp.float32) * scale
+        age_SxP = (i * seg + jnp.arange(seg)[None] - slots.start_S[:, None]) % ring  # the token index there
+        valid_SxP = live_S[:, None] & (age_SxP <= gen_S[:, None])
+        scores = jnp.where(valid_SxP[:, None, None], scores, neg)
+        m_new = jnp.maximum(m_SxKxR, jnp.max(scores, axis=-1))
+        alpha = jnp.exp(m_SxKxR - m_new)
+        p = jnp.exp(scores - m_new[..., None])
+        pv = jnp.einsum("skrp,skph->skrh", p.astype(dt), vv.astype(dt), preferred_element_type=jnp.float32)
+        return m_new, l_SxKxR * alpha + jnp.sum(p, axis=-1), o_SxKxRxH * alpha[..., None] + pv
+      carry = jax.lax.cond(back <= oldest, segment, lambda c: c, carry)
+    _, l_SxKxR, o_SxKxRxH = carry
+    return (o_SxKxRxH / l_SxKxR[..., None]).astype(dt), ((pkt_pool, pv_pool), new_segments)
+  return attend
+
+
+def _decode_chunk(graphdef, state, cache, logits_SxV, prompt_logits_RxV, slots: _Slots, prompts: _Prompts,
+                  tokens_SxN, logps_SxN, clock, steps, free_target, *, params: SamplingParams, page: int,
+                  rows: int, max_steps: int):
   model: Transformer = nnx.merge(graphdef, state)
   cfg = model.cfg
-  s_count, width = slots.table_SxM.shape
-  logits_SxV = jnp.where(slots.fresh_S[:, None], prompt_logits_RxV[jnp.clip(slots.prompt_index_S, 0,
-                                                                            prompt_logits_RxV.shape[0] - 1)],
-                         logits_SxV)
+  s_count, budget_n = tokens_SxN.shape
+  seg = segment_length(budget_n)
+  logits_SxV = jnp.where(slots.fresh_S[:, None], prompt_logits_RxV[slots.prompt_row_S], logits_SxV)
   stop_T = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
   keys_S = jax.random.wrap_key_data(slots.key_Sx2)
   rope_table = model.rope_table(cfg.max_position_embeddings)
   rows_S = jnp.arange(s_count)
-  n_pages = pools[0][0].shape[0]
-  budget_N = tokens_SxN.shape[1]
+  prompt_len_S = prompts.length_R[slots.prompt_row_S]
 
   def cond(c):
     i, _, _, live_S, *_ = c
-    free = jnp.sum(~live_S)
-    return (i < steps) & jnp.any(live_S) & (free < free_target)
+    return (i < steps) & jnp.any(live_S) & (jnp.sum(~live_S) < free_target)
+
+  # Drawn before the loop: a live row's step i samples its token generated_S + i.
+  if params.greedy:
+    uniform_CxS = jnp.zeros((1, s_count), jnp.float32)
+  else:
+    draw = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t), ()))
+    uniform_CxS = jax.vmap(lambda i: draw(keys_S, slots.generated_S + i))(jnp.arange(max_steps))
 
   def body(c):
-    i, logits_SxV, gen_S, live_S, tokens_SxN, logps_SxN, pools = c
-    if params.greedy:
-      uniform_S = jnp.zeros((s_count,), jnp.float32)
-    else:
-      uniform_S = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t), ()))(keys_S, gen_S)
+    i, logits_SxV, gen_S, live_S, tokens_SxN, logps_SxN, cache = c
+    uniform_S = jax.lax.dynamic_index_in_dim(uniform_CxS, jnp.minimum(i, uniform_CxS.shape[0] - 1), keepdims=False)
     token_S, logp_S = sample_token(logits_SxV, uniform_S, params)
     token_S = jnp.where(live_S, token_S, params.pad_id)
-    column_S = jnp.where(live_S, gen_S, budget_N)  # out of range: dropped
+    column_S = jnp.where(live_S, gen_S, budget_n)  # out of range: not written
     tokens_SxN = tokens_SxN.at[rows_S, column_S].set(token_S, mode="drop")
     logps_SxN = logps_SxN.at[rows_S, column_S].set(logp_S, mode="drop")
-    # Every slot runs the step; a slot that is not live writes nowhere and its output is ignored.
-    own_S = slots.prompt_pages_S + gen_S // page
-    write_page_S = jnp.where(live_S, jnp.take_along_axis(slots.table_SxM, jnp.minimum(own_S, width - 1)[:, None],
-                                                         axis=1)[:, 0], n_pages)
-
-    def valid_fn(rows_R, cols_B):  # [R, B, P]: which positions of table columns cols_B hold row R's tokens
-      offset_P = jnp.arange(page)
-      prompt_pages_R, col_RxB = slots.prompt_pages_S[rows_R][:, None], cols_B[None, :]
-      prompt_pos = col_RxB[..., None] * page + offset_P
-      gen_pos = (col_RxB - prompt_pages_R)[..., None] * page + offset_P
-      return jnp.where((col_RxB < prompt_pages_R)[..., None], prompt_pos < slots.prompt_len_S[rows_R][:, None, None],
-                       (gen_pos >= 0) & (gen_pos <= gen_S[rows_R][:, None, None]))
-
-    blocks_S = jnp.where(live_S, (own_S + per_block) // per_block, 0)
-    attend = paged_attend(slots.table_SxM, valid_fn, write_page_S, gen_S % page, blocks_S, slots.order_S, page,
-                          per_block, math.gcd(rows_per_group, s_count))
-    logits_SxV, pools = model.decode_step(token_S, slots.prompt_len_S + gen_S, pools, attend, rope_table)
+    # Every slot runs the step; one that is not live writes nowhere and its output is not read.
+    column = (clock + i) % (seg * -(-budget_n // seg))
+    attend = engine_attend(slots, prompts, gen_S, live_S, column, page=page, seg=seg, rows=rows)
+    logits_SxV, cache = model.decode_step(token_S, prompt_len_S + gen_S, cache, attend, rope_table)
     stopped_S = jnp.any(token_S[:, None] == stop_T[None, :], axis=-1) | (gen_S + 1 >= slots.budget_S)
     gen_S = jnp.where(live_S, gen_S + 1, gen_S)
-    live_S = live_S & ~stopped_S
-    return i + 1, logits_SxV, gen_S, live_S, tokens_SxN, logps_SxN, pools
+    return i + 1, logits_SxV, gen_S, live_S & ~stopped_S, tokens_SxN, logps_SxN, cache
 
-  init = (jnp.zeros((), jnp.int32), logits_SxV, slots.generated_S, slots.live_S, tokens_SxN, logps_SxN,
-          list(pools))
-  steps_run, logits_SxV, gen_S, live_S, tokens_SxN, logps_SxN, pools = jax.lax.while_loop(cond, body, init)
-  return pools, logits_SxV, gen_S, live_S, tokens_SxN, logps_SxN, steps_run
+  init = (jnp.zeros((), jnp.int32), logits_SxV, slots.generated_S, slots.live_S, tokens_SxN, logps_SxN, cache)
+  steps_run, logits_SxV, gen_S, live_S, tokens_SxN, logps_SxN, cache = jax.lax.while_loop(cond, body, init)
+  return cache, logits_SxV, gen_S, live_S, tokens_SxN, logps_SxN, steps_run
 
 
-def _prefill(graphdef, state, pools, prompt_logits_RxV, prompt_AxP, prompt_len_A, pages_AxQ, index_A, *,
+def _prefill(graphdef, state, cache, prompt_logits_RxV, prompt_AxP, prompt_len_A, pages_AxQ, index_A, *,
              page: int, chunk: int):
   """Prefills right-aligned prompts into their pages (`pages_AxQ`, out of range: not written) and stores each
   prompt's last logits at row `index_A` (out of range: dropped)."""
@@ -258,25 +279,25 @@ def _prefill(graphdef, state, pools, prompt_logits_RxV, prompt_AxP, prompt_len_A
   a, p = prompt_AxP.shape
   mask_AxP = jnp.arange(p)[None] < prompt_len_A[:, None]
   positions_AxP = jnp.broadcast_to(jnp.arange(p)[None], (a, p))
-  cache = KVCache.zeros(cfg, a, p)
+  kv = KVCache.zeros(cfg, a, p)
   step = chunk if chunk and p > chunk and p % chunk == 0 else p
   last_AxV = jnp.zeros((a, cfg.vocab_size), jnp.float32)
   for start in range(0, p, step):  # pieces attend to the earlier ones through the cache
-    logits_AxTxV, cache = model.forward_with_cache(prompt_AxP[:, start:start + step],
-                                                   positions_AxP[:, start:start + step], cache,
-                                                   attn_mask_BxT=mask_AxP[:, start:start + step])
+    logits_AxTxV, kv = model.forward_with_cache(prompt_AxP[:, start:start + step],
+                                                positions_AxP[:, start:start + step], kv,
+                                                attn_mask_BxT=mask_AxP[:, start:start + step])
     at_A = prompt_len_A - 1 - start
     here = (at_A >= 0) & (at_A < step)
     picked = jnp.take_along_axis(logits_AxTxV, jnp.clip(at_A, 0, step - 1)[:, None, None], axis=1)[:, 0]
     last_AxV = jnp.where(here[:, None], picked, last_AxV)
   q = p // page
-  new_pools = []
-  for (kt_pool, v_pool), kt, v in zip(pools, cache.k, cache.v):
+  new_cache = []
+  for ((kt_pool, v_pool), segments), kt, v in zip(cache, kv.k, kv.v):
     kt_pages = kt.reshape(a, cfg.num_kv_heads, cfg.head_dim, q, page).transpose(0, 3, 1, 2, 4)
     v_pages = v.reshape(a, cfg.num_kv_heads, q, page, cfg.head_dim).transpose(0, 2, 1, 3, 4)
-    new_pools.append((kt_pool.at[pages_AxQ].set(kt_pages.astype(kt_pool.dtype), mode="drop"),
-                      v_pool.at[pages_AxQ].set(v_pages.astype(v_pool.dtype), mode="drop")))
-  return new_pools, prompt_logits_RxV.at[index_A].set(last_AxV, mode="drop")
+    new_cache.append(((kt_pool.at[pages_AxQ].set(kt_pages.astype(kt_pool.dtype), mode="drop"),
+                       v_pool.at[pages_AxQ].set(v_pages.astype(v_pool.dtype), mode="drop")), segments))
+  return new_cache, prompt_logits_RxV.at[index_A].set(last_AxV, mode="drop")
 
 
 def _row_sharded(fn, row_axes, n_in, n_out):
@@ -288,28 +309,27 @@ def _row_sharded(fn, row_axes, n_in, n_out):
                        axis_names=set(row_axes), check_vma=False)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params", "page", "per_block", "rows_per_group", "row_axes"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "page", "rows", "steps", "row_axes"),
                    donate_argnums=(2, 3, 7, 8))
-def _decode_jit(graphdef, state, pools, logits_SxV, prompt_logits_RxV, slots, steps, tokens_SxN, logps_SxN,
-                free_target, *, params, page, per_block, rows_per_group, row_axes):
-  def run(state, pools, logits_SxV, prompt_logits_RxV, slots, tokens_SxN, logps_SxN, steps, free_target):
-    *out, steps_run = _decode_chunk(graphdef, state, pools, logits_SxV, prompt_logits_RxV, slots, tokens_SxN,
-                                    logps_SxN, steps[0], free_target[0], params=params, page=page,
-                                    per_block=per_block, rows_per_group=rows_per_group)
+def _decode_jit(graphdef, state, cache, logits_SxV, prompt_logits_RxV, slots, prompts, tokens_SxN, logps_SxN,
+                clock, free_target, *, params, page, rows, steps, row_axes):
+  def run(state, cache, logits_SxV, prompt_logits_RxV, slots, prompts, tokens_SxN, logps_SxN, clock, free_target):
+    *out, steps_run = _decode_chunk(graphdef, state, cache, logits_SxV, prompt_logits_RxV, slots, prompts,
+                                    tokens_SxN, logps_SxN, clock[0], steps, free_target[0], params=params,
+                                    page=page, rows=rows, max_steps=steps)
     return (*out, steps_run[None])  # one count per shard
   shard = jnp.ones((max(1, _shards(row_axes)),), jnp.int32)
-  out = _row_sharded(run, row_axes, 9, 7)(state, pools, logits_SxV, prompt_logits_RxV, slots, tokens_SxN,
-                                          logps_SxN, shard * steps, shard * free_target)
-  return out
+  return _row_sharded(run, row_axes, 10, 7)(state, cache, logits_SxV, prompt_logits_RxV, slots, prompts,
+                                            tokens_SxN, logps_SxN, clock, shard * free_target)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "page", "chunk", "row_axes"), donate_argnums=(2, 3))
-def _prefill_jit(graphdef, state, pools, prompt_logits_RxV, prompt_AxP, prompt_len_A, pages_AxQ, index_A, *,
+def _prefill_jit(graphdef, state, cache, prompt_logits_RxV, prompt_AxP, prompt_len_A, pages_AxQ, index_A, *,
                  page, chunk, row_axes):
-  def run(state, pools, prompt_logits_RxV, prompt_AxP, prompt_len_A, pages_AxQ, index_A):
-    return _prefill(graphdef, state, pools, prompt_logits_RxV, prompt_AxP, prompt_len_A, pages_AxQ, index_A,
+  def run(state, cache, prompt_logits_RxV, prompt_AxP, prompt_len_A, pages_AxQ, index_A):
+    return _prefill(graphdef, state, cache, prompt_logits_RxV, prompt_AxP, prompt_len_A, pages_AxQ, index_A,
                     page=page, chunk=chunk)
-  return _row_sharded(run, row_axes, 7, 2)(state, pools, prompt_logits_RxV, prompt_AxP, prompt_len_A, pages_AxQ,
+  return _row_sharded(run, row_axes, 7, 2)(state, cache, prompt_logits_RxV, prompt_AxP, prompt_len_A, pages_AxQ,
                                            index_A)
 
 
@@ -334,14 +354,13 @@ def _zeros(make, sharding):
 
 
 class _Prompt:
-  """A prefilled prompt: its shard, pages, logits row, and rows still to admit / still decoding."""
+  """A prefilled prompt: its shard, row, pages, and its rows still to admit / finished."""
 
-  def __init__(self, request: Request, index: int, shard: int, pages: list[int], logits_row: int, budget: int):
-    self.request, self.index, self.shard, self.pages, self.logits_row = request, index, shard, pages, logits_row
-    self.budget = budget
+  def __init__(self, request: Request, index: int, shard: int, row: int, pages: list[int], budget: int):
+    self.request, self.index, self.shard, self.row, self.pages, self.budget = request, index, shard, row, pages, budget
     g = request.num_samples
     self.to_admit = collections.deque(range(g))
-    self.running = 0
+    self.slots: list[int] = []  # local slots of its rows decoding now
     self.tokens: list = [None] * g
     self.logprobs: list = [None] * g
     self.truncated = np.zeros(g, bool)
@@ -408,120 +427,125 @@ class Engine:
 
 
 class _Run:
-  """One `Engine.stream` call: the host's scheduler and the device state it drives."""
+  """One `Engine.stream` call: the host's scheduler and the device state it drives. Slots, prompt rows and
+  pages are per shard (the devices that split rows each decode their own); ids below are local to a shard."""
 
   def __init__(self, engine: Engine, graphdef, state, cfg, requests: Iterator[Request], rng):
     self.e, self.graphdef, self.state, self.cfg, self.requests, self.rng = engine, graphdef, state, cfg, requests, rng
-    c, params = engine.config, engine.params
+    c = engine.config
     mesh = jax.sharding.get_abstract_mesh()
     self.row_axes = () if mesh.empty else row_local_axes(mesh, c.slots, state)
     self.shards = _shards(self.row_axes)
     if c.slots % self.shards:
       raise ValueError(f"rollout.engine.slots={c.slots} does not divide over the {self.shards} devices that split "
                        f"rows")
-    self.page = c.page_size
-    self.slots_per_shard = c.slots // self.shards
-    self.budget = engine.budget
-    self.max_budget_pages = -(-self.budget // self.page)
-    self.prefill_batch = c.prefill_batch or max(1, -(-self.slots_per_shard // 1))
-    self.logit_rows = self.slots_per_shard + self.prefill_batch  # resident prompts per shard, at most
-    self.prompt_cap = 0  # the widest prompt bucket seen (page table width grows with it: a new program)
-    # Pages per shard: page 0 (zeros), every slot's whole budget, and the resident prompts' pages (grown on
-    # demand with the prompt bucket).
-    self.pages_per_shard = 0
-    self.free_pages: list[list[int]] = []
-    self.pools = None
-    self.prompt_logits = None
-    self.logits = None
-    self.waiting: list[collections.deque] = [collections.deque() for _ in range(self.shards)]  # _Prompt per shard
-    self.slot_prompt: list[list[_Prompt | None]] = [[None] * self.slots_per_shard for _ in range(self.shards)]
-    self.slot_row = np.zeros(c.slots, np.int32)
-    self.slot_pages: list[list[int]] = [[] for _ in range(c.slots)]
-    self.free_logit_rows = [list(range(self.logit_rows)) for _ in range(self.shards)]
-    self.host = dict(table=np.zeros((c.slots, 1), np.int32), prompt_len=np.zeros(c.slots, np.int32),
-                     prompt_pages=np.zeros(c.slots, np.int32), generated=np.zeros(c.slots, np.int32),
-                     budget=np.ones(c.slots, np.int32), key=np.zeros((c.slots, 2), np.uint32),
-                     live=np.zeros(c.slots, bool), fresh=np.zeros(c.slots, bool),
-                     prompt_index=np.zeros(c.slots, np.int32))
+    self.page, self.budget = c.page_size, engine.budget
+    self.slots = c.slots // self.shards  # per shard
     self.exhausted = False
     self.next_index = 0
     self.counts = dict(decode_steps=0, useful_steps=0, chunks=0, prefill_calls=0, decoded_tokens=0,
                        queued_decode_steps=0, queued_useful_steps=0)
     self.in_flight: dict[int, _Prompt] = {}
-    del params
+    self.waiting: list[collections.deque] = [collections.deque() for _ in range(self.shards)]
+    self.slot_prompt: list[list[_Prompt | None]] = [[None] * self.slots for _ in range(self.shards)]
+    self.slot_row = np.zeros(c.slots, np.int32)
+    s = c.slots
+    self.host = dict(prompt_row=np.zeros(s, np.int32), generated=np.zeros(s, np.int32),
+                     budget=np.ones(s, np.int32), key=np.zeros((s, 2), np.uint32), live=np.zeros(s, bool),
+                     fresh=np.zeros(s, bool), start=np.zeros(s, np.int32))
+    self.clock = np.zeros(self.shards, np.int64)  # decode steps run, per shard: the ring column is clock % ring
+    self.started = False  # device state is made with the first prefill (its group size and prompt width)
 
   def stats(self) -> EngineStats:
     return EngineStats(dropped_groups=len(self.in_flight), **self.counts)
 
-  # ---- sharding helpers
+  # ---- placement
 
   def _mesh(self):
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty else jax.sharding.get_mesh()
-
-  def _put(self, x):
-    """A host array, the same on every process, as a global array split by rows (each shard its slots)."""
-    sharding = self._row_sharding()
-    return jnp.asarray(x) if sharding is None else distributed.to_global(np.asarray(x), sharding)
-
-  # ---- memory
-
-  def _ensure_pools(self, prompt_bucket: int):
-    """(Re)allocates the page pools for prompts up to `prompt_bucket` tokens (a wider prompt than any so far
-    grows them; pages in use are kept)."""
-    if prompt_bucket <= self.prompt_cap:
-      return
-    cfg = self.cfg
-    prompt_pages = prompt_bucket // self.page
-    pages = 1 + self.slots_per_shard * self.max_budget_pages + self.logit_rows * prompt_pages
-    old_pages, old_pools = self.pages_per_shard, self.pools
-    self.prompt_cap, self.pages_per_shard = prompt_bucket, pages
-    self.table_width = -(-(prompt_pages + self.max_budget_pages) // self.e.config.pages_per_block) * \
-        self.e.config.pages_per_block
-    kshape, vshape = _pool_shapes(cfg, pages * self.shards, self.page)
-    dt = jnp.dtype(cfg.dtype)
-    sharding = self._pool_sharding()
-    new = _zeros(lambda: [(jnp.zeros(kshape, dt), jnp.zeros(vshape, dt)) for _ in range(cfg.num_layers)], sharding)
-    if old_pools is not None:
-      # Each shard's old pages keep their ids: copy them into the front of its new range.
-      idx = np.concatenate([np.arange(old_pages) + s * pages for s in range(self.shards)])
-      src = np.concatenate([np.arange(old_pages) + s * old_pages for s in range(self.shards)])
-      new = [(nk.at[idx].set(ok[src]), nv.at[idx].set(ov[src])) for (nk, nv), (ok, ov) in zip(new, old_pools)]
-      for s in range(self.shards):
-        self.free_pages[s].extend(range(old_pages, pages))
-    else:
-      self.free_pages = [list(range(1, pages)) for _ in range(self.shards)]
-      v = cfg.vocab_size
-      n, rows = self.e.config.slots, self._row_sharding()
-      self.logits, self.prompt_logits = _zeros(lambda: (jnp.zeros((n, v), jnp.float32), jnp.zeros(
-          (self.logit_rows * self.shards, v), jnp.float32)), rows)
-      self.tokens = list(_zeros(lambda: (jnp.zeros((n, self.budget), jnp.int32),
-                                         jnp.zeros((n, self.budget), jnp.float32)), rows))
-    self.pools = new
-    table = np.zeros((self.e.config.slots, self.table_width), np.int32)
-    table[:, :self.host["table"].shape[1]] = self.host["table"][:, :self.table_width]
-    self.host["table"] = table
+    return None if jax.sharding.get_abstract_mesh().empty else jax.sharding.get_mesh()
 
   def _row_sharding(self):
     mesh = self._mesh()
     return None if mesh is None else jax.sharding.NamedSharding(mesh, P(self.row_axes) if self.row_axes else P())
 
-  def _pool_sharding(self):
-    mesh = self._mesh()
-    if mesh is None:
-      return None
-    if self.row_axes:
-      return jax.sharding.NamedSharding(mesh, P(self.row_axes))
-    tensor = mesh.shape.get("tensor", 1)
-    kv = "tensor" if tensor > 1 and self.cfg.num_kv_heads % tensor == 0 else None
-    return jax.sharding.NamedSharding(mesh, P(None, kv))
+  def _put(self, x):
+    """A host array, the same on every process, as a global array split by rows (each shard its own)."""
+    sharding = self._row_sharding()
+    return jnp.asarray(x) if sharding is None else distributed.to_global(np.asarray(x), sharding)
 
-  def _alloc(self, shard: int, n: int) -> list[int]:
-    free = self.free_pages[shard]
-    if len(free) < n:
-      raise RuntimeError(f"engine: page pool of shard {shard} exhausted ({n} pages asked, {len(free)} free)")
-    out, self.free_pages[shard] = free[:n], free[n:]
-    return out
+  def _pages_sharding(self):
+    mesh = self._mesh()
+    if mesh is None or self.row_axes:
+      return self._row_sharding()
+    tensor = mesh.shape.get("tensor", 1)
+    return jax.sharding.NamedSharding(mesh, P(None, "tensor" if tensor > 1 and self.cfg.num_kv_heads % tensor == 0
+                                              else None))
+
+  # ---- device state
+
+  def _start(self, group: int, prompt_width: int):
+    """Allocates the device state: generated keys and values per slot (4 segments of the budget), prompt
+    pages for `prompt_width` tokens per prompt row, logits and output rows."""
+    c, cfg = self.e.config, self.cfg
+    self.group = group
+    self.prefill_batch = c.prefill_batch or max(1, -(-self.slots // group))
+    rows = c.attention_rows
+    self.prompt_rows = -(-(self.slots + self.prefill_batch) // rows) * rows  # per shard
+    seg = segment_length(self.budget)
+    dt = jnp.dtype(cfg.dtype)
+    s, kvh, hd, v = c.slots, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    n_seg = -(-self.budget // seg)
+    self.ring = n_seg * seg
+    self.segments = _zeros(lambda: [[(jnp.zeros((s, kvh, hd, seg), dt), jnp.zeros((s, kvh, seg, hd), dt))
+                                     for _ in range(n_seg)] for _ in range(cfg.num_layers)], self._row_sharding())
+    r_all = self.prompt_rows * self.shards
+    self.logits, self.prompt_logits, tokens, logps = _zeros(
+        lambda: (jnp.zeros((s, v), jnp.float32), jnp.zeros((r_all, v), jnp.float32),
+                 jnp.zeros((s, self.budget), jnp.int32), jnp.zeros((s, self.budget), jnp.float32)),
+        self._row_sharding())
+    self.tokens = [tokens, logps]
+    self.free_rows = [list(range(self.prompt_rows)) for _ in range(self.shards)]
+    self.prompt_host = dict(table=np.zeros((r_all, 0), np.int32), length=np.zeros(r_all, np.int32),
+                            members=np.full((r_all, group), self.slots, np.int32))
+    self.row_prompt: list[list[_Prompt | None]] = [[None] * self.prompt_rows for _ in range(self.shards)]
+    self.pages = None
+    self.prompt_cap = 0
+    self._grow_pages(prompt_width)
+    self.started = True
+
+  def _grow_pages(self, prompt_width: int):
+    """Prompt pages for prompts of up to `prompt_width` tokens in every prompt row; a wider prompt than any
+    so far regrows them, pages in use keeping their ids."""
+    if prompt_width <= self.prompt_cap:
+      return
+    cfg = self.cfg
+    q = prompt_width // self.page
+    pages = 1 + self.prompt_rows * q  # page 0: zeros, the table's filler
+    old_pages = 0 if self.pages is None else self.pages_per_shard
+    kshape = (pages * self.shards, cfg.num_kv_heads, cfg.head_dim, self.page)
+    vshape = (pages * self.shards, cfg.num_kv_heads, self.page, cfg.head_dim)
+    dt = jnp.dtype(cfg.dtype)
+    new = _zeros(lambda: [(jnp.zeros(kshape, dt), jnp.zeros(vshape, dt)) for _ in range(cfg.num_layers)],
+                 self._pages_sharding())
+    if self.pages is None:
+      self.free_pages = [list(range(1, pages)) for _ in range(self.shards)]
+    else:
+      dst = np.concatenate([np.arange(old_pages) + sh * pages for sh in range(self.shards)])
+      src = np.concatenate([np.arange(old_pages) + sh * old_pages for sh in range(self.shards)])
+      new = [(nk.at[dst].set(ok[src]), nv.at[dst].set(ov[src])) for (nk, nv), (ok, ov) in zip(new, self.pages)]
+      for sh in range(self.shards):
+        self.free_pages[sh].extend(range(old_pages, pages))
+    self.pages, self.pages_per_shard, self.prompt_cap = new, pages, prompt_width
+    table = np.zeros((self.prompt_rows * self.shards, q), np.int32)
+    old = self.prompt_host["table"]
+    table[:, :old.shape[1]] = old
+    self.prompt_host["table"] = table
+
+  def _grow_group(self, group: int):
+    if group > self.group:
+      members = np.full((self.prompt_rows * self.shards, group), self.slots, np.int32)
+      members[:, :self.group] = self.prompt_host["members"]
+      self.prompt_host["members"], self.group = members, group
 
   # ---- scheduling
 
@@ -533,8 +557,10 @@ class _Run:
     except StopIteration:
       self.exhausted = True
       return None
-    if not r.prompt_ids:
+    if not len(r.prompt_ids):
       raise ValueError(f"engine: request {r.key_id} has an empty prompt (a prompt needs at least one token)")
+    if r.num_samples <= 0:
+      raise ValueError(f"engine: request {r.key_id} asks for {r.num_samples} samples")
     budget = self.e.params.max_new_tokens if r.max_new_tokens is None else int(r.max_new_tokens)
     if not 0 < budget <= self.e.params.max_new_tokens:
       raise ValueError(f"engine: request {r.key_id} asks for {budget} new tokens; the engine allows 1 to "
@@ -551,92 +577,110 @@ class _Run:
     return sum(p is None for p in self.slot_prompt[shard])
 
   def _prefill_more(self):
-    """Prefills pulled requests while some shard has more free slots than waiting rows."""
+    """Prefills pulled requests while some shard has more free slots than rows waiting for one."""
     c = self.e.config
-    batch: list[list[_Prompt]] = [[] for _ in range(self.shards)]
-    pulled = []
+    batch: list[list[Request]] = [[] for _ in range(self.shards)]
     while True:
-      need = [self._free_slots(s) - self._waiting_rows(s) - sum(r.num_samples for r in batch[s])
-              for s in range(self.shards)]
+      need = [self._free_slots(sh) - self._waiting_rows(sh) - sum(r.num_samples for r in batch[sh])
+              for sh in range(self.shards)]
       shard = int(np.argmax(need))
-      if need[shard] <= 0 or len(batch[shard]) >= self.prefill_batch or not self.free_logit_rows[shard]:
+      if need[shard] <= 0:
+        break
+      if self.started and (len(batch[shard]) >= self.prefill_batch
+                           or len(batch[shard]) >= len(self.free_rows[shard])):
         break
       r = self._pull()
       if r is None:
         break
-      pulled.append((shard, r))
       batch[shard].append(r)
+      if not self.started:
+        self._start(r.num_samples, self._width(len(r.prompt_ids)))
+    pulled = [(sh, r) for sh in range(self.shards) for r in batch[sh]]
     if not pulled:
       return
-    longest = max(len(r.prompt_ids) for _, r in pulled)
-    p_len = bucket(longest, PROMPT_BUCKETS)
-    p_len = -(-p_len // self.page) * self.page
-    if c.prefill_chunk and p_len > c.prefill_chunk:
-      p_len = -(-p_len // c.prefill_chunk) * c.prefill_chunk
-    self._ensure_pools(p_len)
+    self._grow_group(max(r.num_samples for _, r in pulled))
+    width = self._width(max(len(r.prompt_ids) for _, r in pulled))
+    self._grow_pages(width)
     a = self.prefill_batch
-    q = p_len // self.page
-    prompt = np.full((self.shards * a, p_len), self.e.params.pad_id, np.int32)
+    prompt = np.full((self.shards * a, width), self.e.params.pad_id, np.int32)
     lens = np.ones(self.shards * a, np.int32)
-    pages = np.full((self.shards * a, q), self.pages_per_shard, np.int32)  # out of range: not written
-    index = np.full(self.shards * a, self.logit_rows, np.int32)
-    counts = [0] * self.shards
-    for shard, r in pulled:
-      i = shard * a + counts[shard]
-      counts[shard] += 1
-      n = len(r.prompt_ids)
-      prompt[i, :n], lens[i] = r.prompt_ids, n
-      own = self._alloc(shard, -(-n // self.page))
-      pages[i, :len(own)] = own
-      row = self.free_logit_rows[shard].pop(0)
-      index[i] = row
-      budget = self.e.params.max_new_tokens if r.max_new_tokens is None else int(r.max_new_tokens)
-      prompt_state = _Prompt(r, self.next_index, shard, own, row, budget)
-      self.next_index += 1
-      self.in_flight[prompt_state.index] = prompt_state
-      self.waiting[shard].append(prompt_state)
-    self.pools, self.prompt_logits = _prefill_jit(
-        self.graphdef, self.state, self.pools, self.prompt_logits, self._put(prompt), self._put(lens),
-        self._put(pages), self._put(index), page=self.page, chunk=c.prefill_chunk, row_axes=self.row_axes)
+    pages = np.full((self.shards * a, width // self.page), self.pages_per_shard, np.int32)  # not written
+    index = np.full(self.shards * a, self.prompt_rows, np.int32)  # dropped
+    for sh in range(self.shards):
+      for k, r in enumerate(batch[sh]):
+        i, n = sh * a + k, len(r.prompt_ids)
+        prompt[i, :n], lens[i] = r.prompt_ids, n
+        own = self.free_pages[sh][:-(-n // self.page)]
+        del self.free_pages[sh][:len(own)]
+        pages[i, :len(own)] = own
+        row = self.free_rows[sh].pop(0)
+        index[i] = row
+        g = sh * self.prompt_rows + row
+        self.prompt_host["table"][g] = 0
+        self.prompt_host["table"][g, :len(own)] = own
+        self.prompt_host["length"][g] = n
+        budget = self.e.params.max_new_tokens if r.max_new_tokens is None else int(r.max_new_tokens)
+        prompt_state = _Prompt(r, self.next_index, sh, row, own, budget)
+        self.next_index += 1
+        self.row_prompt[sh][row] = prompt_state
+        self.in_flight[prompt_state.index] = prompt_state
+        self.waiting[sh].append(prompt_state)
+    self.pages, self.prompt_logits = _prefill_jit(
+        self.graphdef, self.state, [(p, None) for p in self.pages], self.prompt_logits, self._put(prompt),
+        self._put(lens), self._put(pages), self._put(index), page=self.page, chunk=c.prefill_chunk,
+        row_axes=self.row_axes)
+    self.pages = [p for p, _ in self.pages]
     self.counts["prefill_calls"] += 1
+
+  def _width(self, longest: int) -> int:
+    """The prefill width of a prompt of `longest` tokens: its bucket, in whole pages and prefill pieces."""
+    width = -(-bucket(longest, PROMPT_BUCKETS) // self.page) * self.page
+    chunk = self.e.config.prefill_chunk
+    return -(-width // chunk) * chunk if chunk and width > chunk else width
 
   def _admit(self):
     h = self.host
-    for shard in range(self.shards):
-      for local in range(self.slots_per_shard):
-        if self.slot_prompt[shard][local] is not None:
+    for sh in range(self.shards):
+      for local in range(self.slots):
+        if self.slot_prompt[sh][local] is not None:
           continue
-        while self.waiting[shard] and not self.waiting[shard][0].to_admit:
-          self.waiting[shard].popleft()
-        if not self.waiting[shard]:
+        while self.waiting[sh] and not self.waiting[sh][0].to_admit:
+          self.waiting[sh].popleft()
+        if not self.waiting[sh]:
           break
-        p = self.waiting[shard][0]
+        p = self.waiting[sh][0]
         j = p.to_admit.popleft()
-        slot = shard * self.slots_per_shard + local
-        own = self._alloc(shard, -(-p.budget // self.page))
-        self.slot_prompt[shard][local] = p
+        slot = sh * self.slots + local
+        self.slot_prompt[sh][local] = p
         self.slot_row[slot] = j
-        self.slot_pages[slot] = own
-        row = np.zeros(self.table_width, np.int32)
-        row[:len(p.pages)] = p.pages
-        row[len(p.pages):len(p.pages) + len(own)] = own
-        h["table"][slot] = row
-        h["prompt_len"][slot] = len(p.request.prompt_ids)
-        h["prompt_pages"][slot] = len(p.pages)
+        p.slots.append(local)
+        h["prompt_row"][slot] = p.row
         h["generated"][slot] = 0
         h["budget"][slot] = p.budget
         key = jax.random.fold_in(jax.random.fold_in(self.rng, p.request.key_id), j)
         h["key"][slot] = np.asarray(jax.random.key_data(key))
         h["live"][slot] = True
         h["fresh"][slot] = True
-        h["prompt_index"][slot] = p.logits_row
-        p.running += 1
-      while self.waiting[shard] and not self.waiting[shard][0].to_admit:
-        self.waiting[shard].popleft()
+        h["start"][slot] = self.clock[sh] % self.ring
+        self._set_members(p)
+      while self.waiting[sh] and not self.waiting[sh][0].to_admit:
+        self.waiting[sh].popleft()
 
-  def _release_prompt(self, p: _Prompt):
-    self.free_pages[p.shard].extend(p.pages)
-    self.free_logit_rows[p.shard].append(p.logits_row)
+  def _set_members(self, p: _Prompt):
+    g = p.shard * self.prompt_rows + p.row
+    self.prompt_host["members"][g] = self.slots
+    self.prompt_host["members"][g, :len(p.slots)] = p.slots
+
+  def _prompts(self) -> _Prompts:
+    ph = self.prompt_host
+    order, active = [], []
+    for sh in range(self.shards):
+      rows = ph["members"][sh * self.prompt_rows:(sh + 1) * self.prompt_rows]
+      used = (rows < self.slots).any(axis=1)
+      order.append(np.argsort(~used, kind="stable"))
+      active.append(int(used.sum()))
+    return _Prompts(self._put(ph["table"]), self._put(ph["length"]), self._put(ph["members"]),
+                    self._put(np.concatenate(order).astype(np.int32)), self._put(np.asarray(active, np.int32)))
 
   def loop(self) -> Iterator[list[GroupResult]]:
     c = self.e.config
@@ -650,26 +694,24 @@ class _Run:
           yield ready
         if self.exhausted and not any(self.waiting):
           return
-        raise RuntimeError("engine: rows wait but none could be admitted (page pool or prompt rows exhausted)")
-      queued = (not self.exhausted) or any(self._waiting_rows(s) for s in range(self.shards))
-      free_target = max(1, int(c.refill_fraction * self.slots_per_shard)) if queued else self.slots_per_shard + 1
-      # Longest rows first (per shard, local slot ids): attention groups rows of similar length.
-      used = np.where(h["live"], h["prompt_pages"] + h["generated"] // self.page, -1)
-      h["order"] = np.concatenate([np.argsort(-used[s:s + self.slots_per_shard], kind="stable")
-                                   for s in range(0, c.slots, self.slots_per_shard)]).astype(np.int32)
-      slots = _Slots(*(self._put(h[k]) for k in ("table", "prompt_len", "prompt_pages", "generated", "budget",
-                                                   "key", "live", "fresh", "prompt_index", "order")))
+        raise RuntimeError("engine: rows wait but none could be admitted")
+      queued = (not self.exhausted) or any(self._waiting_rows(sh) for sh in range(self.shards))
+      free_target = max(1, int(c.refill_fraction * self.slots)) if queued else self.slots + 1
+      slots = _Slots(*(self._put(h[k]) for k in ("prompt_row", "generated", "budget", "key", "live", "fresh",
+                                                   "start")))
       before_live, before_gen = h["live"].copy(), h["generated"].copy()
-      (self.pools, self.logits, gen, live, *self.tokens, steps) = _decode_jit(
-          self.graphdef, self.state, self.pools, self.logits, self.prompt_logits, slots,
-          jnp.asarray(c.steps_per_chunk, jnp.int32), *self.tokens, jnp.asarray(free_target, jnp.int32),
-          params=self.e.params, page=self.page, per_block=c.pages_per_block, rows_per_group=c.attention_rows,
-          row_axes=self.row_axes)
+      cache = [(pages, segs) for pages, segs in zip(self.pages, self.segments)]
+      (cache, self.logits, gen, live, *self.tokens, steps) = _decode_jit(
+          self.graphdef, self.state, cache, self.logits, self.prompt_logits, slots, self._prompts(), *self.tokens,
+          self._put((self.clock % self.ring).astype(np.int32)), jnp.asarray(free_target, jnp.int32), params=self.e.params, page=self.page, rows=c.attention_rows,
+          steps=c.steps_per_chunk, row_axes=self.row_axes)
+      self.pages, self.segments = [p for p, _ in cache], [s for _, s in cache]
       if ready:  # the previous chunk's groups, handled while this chunk decodes
         yield ready
       gen, live, steps = distributed.to_host((gen, live, steps))
       gen, live = np.array(gen, np.int32), np.array(live, bool)
-      made, slot_steps = int((gen - before_gen).sum()), int(np.asarray(steps).sum()) * self.slots_per_shard
+      self.clock += np.asarray(steps).reshape(-1)
+      made, slot_steps = int((gen - before_gen).sum()), int(np.asarray(steps).sum()) * self.slots
       self.counts["chunks"] += 1
       self.counts["decode_steps"] += slot_steps
       self.counts["useful_steps"] += made
@@ -688,19 +730,19 @@ class _Run:
     tokens, logps = np.asarray(tokens), np.asarray(logps)
     done = []
     for slot in finished:
-      shard, local = divmod(int(slot), self.slots_per_shard)
-      p = self.slot_prompt[shard][local]
+      sh, local = divmod(int(slot), self.slots)
+      p = self.slot_prompt[sh][local]
       j, n = int(self.slot_row[slot]), int(gen[slot])
       p.tokens[j], p.logprobs[j] = tokens[slot, :n].copy(), logps[slot, :n].copy()
       p.truncated[j] = int(tokens[slot, n - 1]) not in self.e.params.stop_ids
-      p.running -= 1
       p.finished += 1
-      self.free_pages[shard].extend(self.slot_pages[slot])
-      self.slot_pages[slot] = []
-      self.slot_prompt[shard][local] = None
-      self.host["table"][slot] = 0
+      p.slots.remove(local)
+      self._set_members(p)
+      self.slot_prompt[sh][local] = None
       if p.finished == p.request.num_samples:
-        self._release_prompt(p)
+        self.free_pages[sh].extend(p.pages)
+        self.free_rows[sh].append(p.row)
+        self.row_prompt[sh][p.row] = None
         del self.in_flight[p.index]
         done.append(p)
     return [GroupResult(p.request, p.tokens, p.logprobs, p.truncated) for p in sorted(done, key=lambda p: p.index)]
