@@ -33,8 +33,8 @@ def parse(argv=None):
   p.add_argument("--devices", type=int, default=1, help="host devices (a data mesh over them)")
   p.add_argument("--prompts", type=int, default=64)
   p.add_argument("--slots", type=int, default=64)
-  p.add_argument("--steps_per_chunk", type=int, default=16)
-  p.add_argument("--pages_per_block", type=int, default=4)
+  p.add_argument("--steps_per_chunk", type=int, default=64)
+  p.add_argument("--refill_fraction", type=float, default=0.125)
   p.add_argument("--page_size", type=int, default=16)
   p.add_argument("--skip_static", action="store_true")
   p.add_argument("--json", default="")
@@ -93,7 +93,7 @@ def main():
   rng = np.random.default_rng(0)
   prompts = [rng.integers(5, 512, PROMPT_LEN).tolist() for _ in range(args.prompts)]
   config = EngineConfig(slots=args.slots, steps_per_chunk=args.steps_per_chunk, page_size=args.page_size,
-                        pages_per_block=args.pages_per_block)
+                        refill_fraction=args.refill_fraction)
   results = {}
   for name in args.models.split(","):
     model = build(name, mesh)

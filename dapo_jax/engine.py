@@ -52,7 +52,7 @@ class EngineConfig:
   attention reads at a time."""
   slots: int = 64
   page_size: int = 16
-  steps_per_chunk: int = 16
+  steps_per_chunk: int = 64
   refill_fraction: float = 0.125
   prefill_batch: int = 0
   prefill_chunk: int = 512
@@ -126,23 +126,47 @@ def segment_length(budget: int) -> int:
 
 
 class _Slots(NamedTuple):
-  """Per-slot state the host sets between chunks ([S])."""
+  """Per-slot state the host sets between chunks ([S]), sent as one int32 matrix (`pack` / `unpack`: one
+  transfer a chunk)."""
   prompt_row_S: jax.Array  # int32: the row of its prompt (prompt logits, page table, members)
   generated_S: jax.Array  # int32 tokens generated so far
   budget_S: jax.Array  # int32
-  key_Sx2: jax.Array  # uint32 key data of the row
+  key_id_S: jax.Array  # uint32: its request's key id (mod 2**32)
+  sample_S: jax.Array  # int32: which of its request's samples it is
   live_S: jax.Array  # bool: decoding
   fresh_S: jax.Array  # bool: admitted since the last chunk (its logits are its prompt's)
   start_S: jax.Array  # int32: the ring column of its first generated token
+  clock_S: jax.Array  # int32: its shard's ring column at the chunk's first step
+  free_target_S: jax.Array  # int32: the chunk ends once this many of its shard's slots are free
+
+  @staticmethod
+  def pack(columns: dict[str, np.ndarray]) -> np.ndarray:
+    return np.stack([np.asarray(columns[f[:-2]]).astype(np.int64).astype(np.uint32).view(np.int32)
+                     for f in _Slots._fields], axis=1)
+
+  @classmethod
+  def unpack(cls, packed_SxF) -> "_Slots":
+    cols = [packed_SxF[:, i] for i in range(len(cls._fields))]
+    as_type = {"key_id_S": lambda x: jax.lax.bitcast_convert_type(x, jnp.uint32), "live_S": lambda x: x != 0,
+               "fresh_S": lambda x: x != 0}
+    return cls(*(as_type.get(f, lambda x: x)(c) for f, c in zip(cls._fields, cols)))
 
 
 class _Prompts(NamedTuple):
-  """Per resident prompt ([R, ...]): its pages, length and the slots of its rows."""
+  """Per resident prompt ([R, ...]): its pages, length and the slots of its rows; sent as two int32 matrices
+  (`unpack`)."""
   table_RxQ: jax.Array  # int32 page ids (page 0: zeros)
   length_R: jax.Array  # int32
   members_RxG: jax.Array  # int32 slots of its rows (S: none)
   order_R: jax.Array  # int32: the rows with members first (attention reads those)
   active: jax.Array  # int32 [1]: how many rows have members
+
+  @classmethod
+  def unpack(cls, table_RxQ, info_RxC, slots: int) -> "_Prompts":
+    """info: [length, order, members...]."""
+    members_RxG = info_RxC[:, 2:]
+    return cls(table_RxQ, info_RxC[:, 0], members_RxG, info_RxC[:, 1],
+               jnp.sum(jnp.any(members_RxG < slots, axis=1))[None])
 
 
 def engine_attend(slots: _Slots, prompts: _Prompts, gen_S, live_S, column, *, page: int, seg: int, rows: int):
@@ -224,16 +248,18 @@ def engine_attend(slots: _Slots, prompts: _Prompts, gen_S, live_S, column, *, pa
   return attend
 
 
-def _decode_chunk(graphdef, state, cache, logits_SxV, prompt_logits_RxV, slots: _Slots, prompts: _Prompts,
-                  tokens_SxN, logps_SxN, clock, steps, free_target, *, params: SamplingParams, page: int,
-                  rows: int, max_steps: int):
+def _decode_chunk(graphdef, state, rng, cache, logits_SxV, prompt_logits_RxV, slots_SxF, table_RxQ, info_RxC,
+                  tokens_SxN, logps_SxN, *, params: SamplingParams, page: int, rows: int, steps: int):
   model: Transformer = nnx.merge(graphdef, state)
+  slots = _Slots.unpack(slots_SxF)
+  prompts = _Prompts.unpack(table_RxQ, info_RxC, slots_SxF.shape[0])
+  clock, free_target = slots.clock_S[0], slots.free_target_S[0]
   cfg = model.cfg
   s_count, budget_n = tokens_SxN.shape
   seg = segment_length(budget_n)
   logits_SxV = jnp.where(slots.fresh_S[:, None], prompt_logits_RxV[slots.prompt_row_S], logits_SxV)
   stop_T = jnp.asarray(params.stop_ids or (-1,), jnp.int32)
-  keys_S = jax.random.wrap_key_data(slots.key_Sx2)
+  keys_S = jax.vmap(lambda k, j: jax.random.fold_in(jax.random.fold_in(rng, k), j))(slots.key_id_S, slots.sample_S)
   rope_table = model.rope_table(cfg.max_position_embeddings)
   rows_S = jnp.arange(s_count)
   prompt_len_S = prompts.length_R[slots.prompt_row_S]
@@ -247,7 +273,7 @@ def _decode_chunk(graphdef, state, cache, logits_SxV, prompt_logits_RxV, slots: 
     uniform_CxS = jnp.zeros((1, s_count), jnp.float32)
   else:
     draw = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t), ()))
-    uniform_CxS = jax.vmap(lambda i: draw(keys_S, slots.generated_S + i))(jnp.arange(max_steps))
+    uniform_CxS = jax.vmap(lambda i: draw(keys_S, slots.generated_S + i))(jnp.arange(steps))
 
   def body(c):
     i, logits_SxV, gen_S, live_S, tokens_SxN, logps_SxN, cache = c
@@ -300,27 +326,27 @@ def _prefill(graphdef, state, cache, prompt_logits_RxV, prompt_AxP, prompt_len_A
   return new_cache, prompt_logits_RxV.at[index_A].set(last_AxV, mode="drop")
 
 
-def _row_sharded(fn, row_axes, n_in, n_out):
-  """`fn` under shard_map over `row_axes` (each shard its own slots, pages and prompts), parameters whole."""
+def _row_sharded(fn, row_axes, n_in, n_out, whole: int = 1):
+  """`fn` under shard_map over `row_axes` (each shard its own slots, pages and prompts); its first `whole`
+  arguments (parameters, the key) whole on every shard."""
   if not row_axes:
     return fn
   rows = P(row_axes)
-  return jax.shard_map(fn, in_specs=(P(),) + (rows,) * (n_in - 1), out_specs=(rows,) * n_out,
+  return jax.shard_map(fn, in_specs=(P(),) * whole + (rows,) * (n_in - whole), out_specs=(rows,) * n_out,
                        axis_names=set(row_axes), check_vma=False)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params", "page", "rows", "steps", "row_axes"),
-                   donate_argnums=(2, 3, 7, 8))
-def _decode_jit(graphdef, state, cache, logits_SxV, prompt_logits_RxV, slots, prompts, tokens_SxN, logps_SxN,
-                clock, free_target, *, params, page, rows, steps, row_axes):
-  def run(state, cache, logits_SxV, prompt_logits_RxV, slots, prompts, tokens_SxN, logps_SxN, clock, free_target):
-    *out, steps_run = _decode_chunk(graphdef, state, cache, logits_SxV, prompt_logits_RxV, slots, prompts,
-                                    tokens_SxN, logps_SxN, clock[0], steps, free_target[0], params=params,
-                                    page=page, rows=rows, max_steps=steps)
+                   donate_argnums=(3, 4, 9, 10))
+def _decode_jit(graphdef, state, rng, cache, logits_SxV, prompt_logits_RxV, slots_SxF, table_RxQ, info_RxC,
+                tokens_SxN, logps_SxN, *, params, page, rows, steps, row_axes):
+  def run(state, rng, cache, logits_SxV, prompt_logits_RxV, slots_SxF, table_RxQ, info_RxC, tokens_SxN, logps_SxN):
+    *out, steps_run = _decode_chunk(graphdef, state, rng, cache, logits_SxV, prompt_logits_RxV, slots_SxF,
+                                    table_RxQ, info_RxC, tokens_SxN, logps_SxN, params=params, page=page, rows=rows,
+                                    steps=steps)
     return (*out, steps_run[None])  # one count per shard
-  shard = jnp.ones((max(1, _shards(row_axes)),), jnp.int32)
-  return _row_sharded(run, row_axes, 10, 7)(state, cache, logits_SxV, prompt_logits_RxV, slots, prompts,
-                                            tokens_SxN, logps_SxN, clock, shard * free_target)
+  return _row_sharded(run, row_axes, 10, 7, whole=2)(state, rng, cache, logits_SxV, prompt_logits_RxV, slots_SxF,
+                                                     table_RxQ, info_RxC, tokens_SxN, logps_SxN)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "page", "chunk", "row_axes"), donate_argnums=(2, 3))
@@ -346,8 +372,17 @@ def compiled_programs() -> int:
 
 
 def _zeros(make, sharding):
-  """`make()`'s arrays created on their shards (every leaf with `sharding`; None: default placement)."""
-  return jax.jit(make)() if sharding is None else jax.jit(make, out_shardings=sharding)()
+  """`make()`'s zero arrays created on their shards (every leaf with `sharding`; None: default placement),
+  by one compiled program per structure: `make` is only traced for its shapes."""
+  shapes = jax.eval_shape(make)
+  leaves, tree = jax.tree.flatten(shapes)
+  return jax.tree.unflatten(tree, _zeros_program(tuple((x.shape, x.dtype) for x in leaves), sharding)())
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_program(specs, sharding):
+  make = lambda: [jnp.zeros(shape, dtype) for shape, dtype in specs]
+  return jax.jit(make) if sharding is None else jax.jit(make, out_shardings=sharding)
 
 
 # ------------------------------------------------------------------------------------------------------ host
@@ -451,7 +486,8 @@ class _Run:
     self.slot_row = np.zeros(c.slots, np.int32)
     s = c.slots
     self.host = dict(prompt_row=np.zeros(s, np.int32), generated=np.zeros(s, np.int32),
-                     budget=np.ones(s, np.int32), key=np.zeros((s, 2), np.uint32), live=np.zeros(s, bool),
+                     budget=np.ones(s, np.int32), key_id=np.zeros(s, np.uint32), sample=np.zeros(s, np.int32),
+                     live=np.zeros(s, bool),
                      fresh=np.zeros(s, bool), start=np.zeros(s, np.int32))
     self.clock = np.zeros(self.shards, np.int64)  # decode steps run, per shard: the ring column is clock % ring
     self.started = False  # device state is made with the first prefill (its group size and prompt width)
@@ -657,8 +693,8 @@ class _Run:
         h["prompt_row"][slot] = p.row
         h["generated"][slot] = 0
         h["budget"][slot] = p.budget
-        key = jax.random.fold_in(jax.random.fold_in(self.rng, p.request.key_id), j)
-        h["key"][slot] = np.asarray(jax.random.key_data(key))
+        h["key_id"][slot] = p.request.key_id % 2**32
+        h["sample"][slot] = j
         h["live"][slot] = True
         h["fresh"][slot] = True
         h["start"][slot] = self.clock[sh] % self.ring
@@ -671,16 +707,16 @@ class _Run:
     self.prompt_host["members"][g] = self.slots
     self.prompt_host["members"][g, :len(p.slots)] = p.slots
 
-  def _prompts(self) -> _Prompts:
+  def _prompt_info(self) -> np.ndarray:
+    """[length, order, members...] per prompt row (see `_Prompts.unpack`); order lists each shard's rows with
+    members first."""
     ph = self.prompt_host
-    order, active = [], []
+    order = []
     for sh in range(self.shards):
       rows = ph["members"][sh * self.prompt_rows:(sh + 1) * self.prompt_rows]
-      used = (rows < self.slots).any(axis=1)
-      order.append(np.argsort(~used, kind="stable"))
-      active.append(int(used.sum()))
-    return _Prompts(self._put(ph["table"]), self._put(ph["length"]), self._put(ph["members"]),
-                    self._put(np.concatenate(order).astype(np.int32)), self._put(np.asarray(active, np.int32)))
+      order.append(np.argsort(~(rows < self.slots).any(axis=1), kind="stable"))
+    return np.concatenate([ph["length"][:, None], np.concatenate(order)[:, None], ph["members"]], axis=1
+                          ).astype(np.int32)
 
   def loop(self) -> Iterator[list[GroupResult]]:
     c = self.e.config
@@ -697,14 +733,14 @@ class _Run:
         raise RuntimeError("engine: rows wait but none could be admitted")
       queued = (not self.exhausted) or any(self._waiting_rows(sh) for sh in range(self.shards))
       free_target = max(1, int(c.refill_fraction * self.slots)) if queued else self.slots + 1
-      slots = _Slots(*(self._put(h[k]) for k in ("prompt_row", "generated", "budget", "key", "live", "fresh",
-                                                   "start")))
+      h["clock"] = np.repeat(self.clock % self.ring, self.slots)
+      h["free_target"] = np.full(c.slots, free_target)
       before_live, before_gen = h["live"].copy(), h["generated"].copy()
       cache = [(pages, segs) for pages, segs in zip(self.pages, self.segments)]
       (cache, self.logits, gen, live, *self.tokens, steps) = _decode_jit(
-          self.graphdef, self.state, cache, self.logits, self.prompt_logits, slots, self._prompts(), *self.tokens,
-          self._put((self.clock % self.ring).astype(np.int32)), jnp.asarray(free_target, jnp.int32), params=self.e.params, page=self.page, rows=c.attention_rows,
-          steps=c.steps_per_chunk, row_axes=self.row_axes)
+          self.graphdef, self.state, self.rng, cache, self.logits, self.prompt_logits, self._put(_Slots.pack(h)),
+          self._put(self.prompt_host["table"]), self._put(self._prompt_info()), *self.tokens, params=self.e.params,
+          page=self.page, rows=c.attention_rows, steps=c.steps_per_chunk, row_axes=self.row_axes)
       self.pages, self.segments = [p for p, _ in cache], [s for _, s in cache]
       if ready:  # the previous chunk's groups, handled while this chunk decodes
         yield ready
