@@ -22,7 +22,8 @@ from dapo_jax import model as M
 from dapo_jax import sharding
 from dapo_jax.advantages import group_advantages
 from dapo_jax.rewards import RewardExecutor
-from dapo_jax.sampling import SamplingParams, generate
+from dapo_jax.engine import generate
+from dapo_jax.sampling import SamplingParams
 from dapo_jax.train_step import Batch, Trainer, UpdateConfig
 
 PROMPTS, G, PROMPT_LEN, NEW = 8, 8, 32, 128

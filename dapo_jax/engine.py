@@ -40,7 +40,7 @@ from dapo_jax import distributed
 from dapo_jax.model.transformer import KVCache, Transformer
 from dapo_jax.sampling import (BUDGET_BUCKETS, PROMPT_BUCKETS, Rollout, SamplingParams, bucket, pad_prompts,
                                sample_token)
-from dapo_jax.sharding import constrain, row_local_axes
+from dapo_jax.sharding import row_local_axes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -371,6 +371,29 @@ def compiled_programs() -> int:
   return _decode_jit._cache_size() + _prefill_jit._cache_size()
 
 
+def generate(model, prompts, params: SamplingParams, rng, *, num_samples: int = 1, prompt_mask=None,
+             config: EngineConfig | None = None) -> Rollout:
+  """`num_samples` responses to each prompt, as one call: the engine with a slot for every row (slots
+  rounded up to a power of two, so that calls of similar size share programs) unless `config` is given.
+
+  `prompts` is a list of token lists, or a left-padded int32 [B, P] array with `prompt_mask`. `model` is a
+  Transformer or its `nnx.split` pair; call inside `jax.set_mesh(mesh)` to run sharded. Prompt i samples
+  with fold_in(rng, i) (see `Engine`)."""
+  if prompt_mask is not None:
+    prompts = [np.asarray(p)[np.asarray(m, bool)].tolist() for p, m in zip(prompts, prompt_mask)]
+  prompts = [list(map(int, p)) for p in prompts]
+  if any(not p for p in prompts):
+    raise ValueError("generate: empty prompt (a prompt needs at least one token)")
+  cfg = model.cfg if isinstance(model, Transformer) else nnx.merge(*model).cfg
+  longest = max(len(p) for p in prompts)
+  if longest + params.max_new_tokens > cfg.max_position_embeddings:
+    raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
+                     f"model's max_position_embeddings {cfg.max_position_embeddings}")
+  if config is None:
+    config = EngineConfig(slots=max(8, 1 << (len(prompts) * num_samples - 1).bit_length()))
+  return Engine(params, config).generate(model, prompts, rng, num_samples=num_samples)
+
+
 def _zeros(make, sharding):
   """`make()`'s zero arrays created on their shards (every leaf with `sharding`; None: default placement),
   by one compiled program per structure: `make` is only traced for its shapes."""
@@ -411,6 +434,8 @@ class Engine:
   def __init__(self, params: SamplingParams, config: EngineConfig = EngineConfig()):
     self.params, self.config = params, config
     self.budget = bucket(params.max_new_tokens, BUDGET_BUCKETS)
+    # Budgets are per row, traced: every max_new_tokens in a bucket shares one program.
+    self.program_params = dataclasses.replace(params, max_new_tokens=self.budget)
     self.stats = EngineStats(0, 0, 0, 0, 0, 0)
 
   # The public calls -------------------------------------------------------------------------------------
@@ -739,7 +764,7 @@ class _Run:
       cache = [(pages, segs) for pages, segs in zip(self.pages, self.segments)]
       (cache, self.logits, gen, live, *self.tokens, steps) = _decode_jit(
           self.graphdef, self.state, self.rng, cache, self.logits, self.prompt_logits, self._put(_Slots.pack(h)),
-          self._put(self.prompt_host["table"]), self._put(self._prompt_info()), *self.tokens, params=self.e.params,
+          self._put(self.prompt_host["table"]), self._put(self._prompt_info()), *self.tokens, params=self.e.program_params,
           page=self.page, rows=c.attention_rows, steps=c.steps_per_chunk, row_axes=self.row_axes)
       self.pages, self.segments = [p for p, _ in cache], [s for _, s in cache]
       if ready:  # the previous chunk's groups, handled while this chunk decodes

@@ -1,5 +1,7 @@
-"""The sampler is exact: greedy equals transformers, sampled frequencies equal the softmax, log-probabilities
-equal a teacher-forced forward pass, and batching, grouping and sharding change nothing."""
+"""The sampler (the rollout engine's one-call form, `engine.generate`) is exact: greedy equals transformers,
+sampled frequencies equal the softmax, log-probabilities equal a teacher-forced forward pass, and batching,
+grouping and sharding change nothing. The engine's own properties (slots, refills, streaming) are in
+test_engine.py."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,9 @@ import pytest
 from flax import nnx
 
 from dapo_jax import model as M
-from dapo_jax import sampling, sharding
-from dapo_jax.sampling import SamplingParams, generate, pad_prompts
+from dapo_jax import engine, sampling, sharding
+from dapo_jax.engine import generate
+from dapo_jax.sampling import SamplingParams, pad_prompts
 from dapo_jax.testing import save_tiny_hf_model
 
 ONE = sharding.make_mesh(devices=jax.devices()[:1])
@@ -50,7 +53,7 @@ def test_mixed_length_batch_equals_each_prompt_alone(hf_and_ours):
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
 def test_logprobs_equal_teacher_forced_forward(hf_and_ours, temperature, top_k, top_p):
   _, ours = hf_and_ours
-  # 20 tokens: a budget of 32, decoded in 4 segments of 8 (sampling.segment_length).
+  # 20 tokens: a budget of 32, kept in 4 segments of 8 (engine.segment_length).
   params = SamplingParams(max_new_tokens=20, temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=(3,))
   out = generate(ours, PROMPTS, params, jax.random.key(1), num_samples=3)
   full = jnp.concatenate([out.prompt_BxP, out.tokens_BxN], axis=1)
@@ -130,14 +133,15 @@ def test_grouped_rows_are_independent_and_share_the_prefill():
 def test_few_compilations_across_calls():
   cfg = M.preset("tiny")
   model = M.init_sharded(cfg, ONE, seed=8)
-  before = sampling.compiled_programs()
+  before = engine.compiled_programs()
   rng = np.random.default_rng(0)
   for i in range(6):
     prompts = [rng.integers(0, 256, rng.integers(17, 33)).tolist() for _ in range(4)]
     generate(model, prompts, SamplingParams(max_new_tokens=int(rng.integers(9, 16))), jax.random.key(i),
              num_samples=2)
-  # Prompt lengths 17..32 share the 32 bucket and budgets 9..15 the 16 bucket: one program.
-  assert sampling.compiled_programs() - before == 1
+  # Prompt lengths 17..32 share the 32 bucket and budgets 9..15 the 16 bucket: one decode program and one
+  # prefill program.
+  assert engine.compiled_programs() - before == 2
 
 
 def test_sharded_greedy_equals_one_device():
@@ -154,8 +158,8 @@ def test_sharded_greedy_equals_one_device():
 
 
 def test_row_sharded_sampling_equals_one_device():
-  # A mesh that only splits rows decodes each shard in its own loop (shard_map), each stopping when its own
-  # rows are done; sampled tokens, log-probabilities and lengths must not change.
+  # A mesh that only splits rows decodes each shard's slots in its own loop (shard_map), each stopping when
+  # its own rows are done; sampled tokens, log-probabilities and lengths must not change.
   cfg = M.preset("tiny", num_heads=8, num_kv_heads=4)
   one = M.init_sharded(cfg, ONE, seed=10)
   params = SamplingParams(max_new_tokens=16, temperature=1.0, stop_ids=tuple(range(3, 40)))

@@ -7,7 +7,8 @@ import pytest
 
 from dapo_jax import model as M
 from dapo_jax import sharding
-from dapo_jax.sampling import SamplingParams, generate
+from dapo_jax.engine import generate
+from dapo_jax.sampling import SamplingParams
 from dapo_jax.dynamic_sampling import pad_rows
 from dapo_jax.train_step import Batch, Trainer, UpdateConfig
 

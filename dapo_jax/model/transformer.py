@@ -172,8 +172,8 @@ class Attention(nnx.Module):
 
   def decode(self, x_Bx1xD, cos, sin, cache, attend):
     """One new token per row. `attend(cfg, q_BxKxRxH, k_BxKxH, v_BxKxH, cache)` stores the new key and value
-    in `cache` and attends over it, returning (out_BxKxRxH, new cache): the static sampler's segments
-    (`parts_attend`) and the engine's page pool (`engine.paged_attend`) share everything else of a step."""
+    in `cache` and attends over it, returning (out_BxKxRxH, new cache): the sampler's cache layout lives in
+    `engine.engine_attend`, the rest of a step here."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     q, k, v = self._qkv(x_Bx1xD.astype(dt), cos, sin, fused=True)
@@ -184,64 +184,6 @@ class Attention(nnx.Module):
     nh = cfg.num_heads * hd
     out_BxD = jnp.dot(out.reshape(b, nh).astype(dt), self.o_kernel[...].astype(dt).reshape(nh, cfg.hidden_size))
     return out_BxD[:, None], cache
-
-
-def parts_attend(slot):
-  """The static sampler's `attend` (see `Attention.decode`): the cache is a layer's list of `KVPart`s; the new
-  key and value go to `slot` of the last part, the only one that changes, which is returned as (kt, v)."""
-  def attend(cfg, q_BxKxRxH, k_BxKxH, v_BxKxH, parts):
-    last = parts[-1]
-    kt = jax.lax.dynamic_update_slice(last.kt, k_BxKxH[..., None].astype(last.kt.dtype), (0, 0, 0, slot))
-    vv = jax.lax.dynamic_update_slice(last.v, v_BxKxH[:, :, None].astype(last.v.dtype), (0, 0, slot, 0))
-    out = _attend_parts(cfg, q_BxKxRxH, (*parts[:-1], last._replace(kt=kt, v=vv)), jnp.dtype(cfg.dtype))
-    return out, (kt, vv)
-  return attend
-
-
-class KVPart(NamedTuple):
-  """A block of cached keys [B', KV, hd, S] and values [B', KV, S, hd] that decoding queries attend to, with
-  `valid_BxS` ([B', S] bool, or None when every slot is real).
-
-  `group` query rows share one cached row (B' = B / group): the prompt's keys and values are kept once per
-  prompt for its G samples, read once per step for all of them, and never copied G times.
-  """
-  kt: jax.Array
-  v: jax.Array
-  valid_BxS: jax.Array | None
-  group: int = 1
-
-
-def _attend_parts(cfg: ModelConfig, q_BxKxRxH, parts, dt):
-  """Softmax attention of one query per row over the concatenation of `parts`, part by part: equal to
-  attending over one cache holding them all, without building it."""
-  b, kvh, r, hd = q_BxKxRxH.shape
-
-  def grouped(x_BxKxRxY, g):  # [B, KV, R, Y] -> [B/g, KV, g*R, Y]: a shared row's G queries in one matrix
-    y = x_BxKxRxY.shape[-1]
-    return x_BxKxRxY.reshape(b // g, g, kvh, r, y).transpose(0, 2, 1, 3, 4).reshape(b // g, kvh, g * r, y)
-
-  def ungrouped(x_BgxKxQxY, g):
-    y = x_BgxKxQxY.shape[-1]
-    return x_BgxKxQxY.reshape(b // g, kvh, g, r, y).transpose(0, 2, 1, 3, 4).reshape(b, kvh, r, y)
-
-  scores, sizes = [], []
-  for part in parts:
-    g = part.group
-    s = jnp.einsum("bkqh,bkhs->bkqs", grouped(q_BxKxRxH, g), part.kt.astype(dt),
-                   preferred_element_type=jnp.float32) * (1.0 / math.sqrt(hd))
-    s = ungrouped(s, g)
-    if part.valid_BxS is not None:
-      valid = part.valid_BxS if g == 1 else jnp.repeat(part.valid_BxS, g, axis=0)
-      s = jnp.where(valid[:, None, None, :], s, jnp.finfo(jnp.float32).min)
-    scores.append(s)
-    sizes.append(s.shape[-1])
-  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dt)
-  out, start = 0.0, 0
-  for part, size in zip(parts, sizes):
-    p = grouped(probs[..., start:start + size], part.group)
-    out = out + ungrouped(jnp.einsum("bkqs,bksh->bkqh", p, part.v.astype(dt)), part.group)
-    start += size
-  return out
 
 
 def _attend(cfg: ModelConfig, q_BxTxNxH, kt_BxKxHxS, v_BxKxSxH, mask_BxTxS, dt):
