@@ -102,6 +102,7 @@ class EngineStats(NamedTuple):
   prefill_calls: int
   dropped_groups: int  # admitted or prefilled groups given up when the consumer stopped the stream
   decoded_tokens: int  # tokens sampled, including those of dropped groups
+  finished_groups: int = 0  # groups whose last row stopped
   queued_decode_steps: int = 0  # slot-steps of the chunks that began with rows waiting for a slot
   queued_useful_steps: int = 0
 
@@ -470,8 +471,18 @@ class Engine:
   def stream(self, model, requests: Iterable[Request], rng) -> Iterator[GroupResult]:
     """Decodes `requests` (pulled as slots free up) and yields each group once its last row stops, in the
     order they finish. Closing the generator early drops the groups in flight (`stats.dropped_groups`)."""
-    for chunk in self.stream_chunks(model, requests, rng):
-      yield from chunk
+    delivered = 0
+    chunks = self.stream_chunks(model, requests, rng)
+    try:
+      for chunk in chunks:
+        for result in chunk:
+          delivered += 1
+          yield result
+    finally:
+      chunks.close()
+      # Groups that finished but were not read are dropped too.
+      self.stats = self.stats._replace(dropped_groups=self.stats.dropped_groups + self.stats.finished_groups
+                                       - delivered)
 
   def stream_chunks(self, model, requests: Iterable[Request], rng) -> Iterator[list[GroupResult]]:
     """As `stream`, a list per decode chunk: the groups whose last row stopped in it. A chunk's list is
@@ -504,7 +515,7 @@ class _Run:
     self.exhausted = False
     self.next_index = 0
     self.counts = dict(decode_steps=0, useful_steps=0, chunks=0, prefill_calls=0, decoded_tokens=0,
-                       queued_decode_steps=0, queued_useful_steps=0)
+                       finished_groups=0, queued_decode_steps=0, queued_useful_steps=0)
     self.in_flight: dict[int, _Prompt] = {}
     self.waiting: list[collections.deque] = [collections.deque() for _ in range(self.shards)]
     self.slot_prompt: list[list[_Prompt | None]] = [[None] * self.slots for _ in range(self.shards)]
@@ -764,8 +775,8 @@ class _Run:
       cache = [(pages, segs) for pages, segs in zip(self.pages, self.segments)]
       (cache, self.logits, gen, live, *self.tokens, steps) = _decode_jit(
           self.graphdef, self.state, self.rng, cache, self.logits, self.prompt_logits, self._put(_Slots.pack(h)),
-          self._put(self.prompt_host["table"]), self._put(self._prompt_info()), *self.tokens, params=self.e.program_params,
-          page=self.page, rows=c.attention_rows, steps=c.steps_per_chunk, row_axes=self.row_axes)
+          self._put(self.prompt_host["table"]), self._put(self._prompt_info()), *self.tokens,
+          params=self.e.program_params, page=self.page, rows=c.attention_rows, steps=c.steps_per_chunk, row_axes=self.row_axes)
       self.pages, self.segments = [p for p, _ in cache], [s for _, s in cache]
       if ready:  # the previous chunk's groups, handled while this chunk decodes
         yield ready
@@ -805,5 +816,6 @@ class _Run:
         self.free_rows[sh].append(p.row)
         self.row_prompt[sh][p.row] = None
         del self.in_flight[p.index]
+        self.counts["finished_groups"] += 1
         done.append(p)
     return [GroupResult(p.request, p.tokens, p.logprobs, p.truncated) for p in sorted(done, key=lambda p: p.index)]
