@@ -21,10 +21,10 @@ def model():
   return M.init_sharded(M.preset("tiny", num_heads=8, num_kv_heads=4), ONE, seed=11)
 
 
-def requests(n=37, seed=0, samples=2):
-  """n groups of prompts 1..40 tokens long (two prompt widths), budgets 1..24."""
+def requests(n=37, seed=0, samples=2, longest=40):
+  """n groups of prompts 1..longest tokens long (40: three prompt widths), budgets 1..24."""
   rng = np.random.default_rng(seed)
-  return [Request(rng.integers(40, 250, rng.integers(1, 41)).tolist(), samples, key_id=1000 + i,
+  return [Request(rng.integers(40, 250, rng.integers(1, longest + 1)).tolist(), samples, key_id=1000 + i,
                   max_new_tokens=int(rng.integers(1, 25)), tag=i) for i in range(n)]
 
 
@@ -81,15 +81,19 @@ def test_sampled_tokens_belong_to_the_request_not_the_slot_or_step(model):
 
 def test_logprobs_equal_a_teacher_forced_forward_pass_after_refills(model):
   params = SamplingParams(max_new_tokens=24, temperature=0.8, stop_ids=STOPS)
-  reqs = requests(n=9, seed=2, samples=3)
+  reqs = requests(n=9, seed=2, samples=3, longest=16)
   out, stats = run(model, reqs, params, EngineConfig(slots=4, steps_per_chunk=4, page_size=8))
   assert stats.chunks > 3
-  for g in out.values():
-    for tokens, logps in zip(g.tokens, g.logprobs):
-      full = jnp.asarray([list(g.request.prompt_ids) + tokens.tolist()])
-      logits = model(full)[0, len(g.request.prompt_ids) - 1:-1] / 0.8
-      ref = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), jnp.asarray(tokens)[:, None], -1)[:, 0]
-      np.testing.assert_allclose(logps, np.asarray(ref), atol=2e-5)
+  rows = [(list(g.request.prompt_ids), t, lp) for g in out.values() for t, lp in zip(g.tokens, g.logprobs)]
+  width = max(len(p) + len(t) for p, t, _ in rows)
+  full = np.zeros((len(rows), width), np.int32)
+  for i, (p, t, _) in enumerate(rows):
+    full[i, :len(p) + len(t)] = p + t.tolist()
+  mask = np.arange(width)[None] < np.asarray([len(p) + len(t) for p, t, _ in rows])[:, None]
+  logp = jax.nn.log_softmax(model(jnp.asarray(full), attn_mask_BxT=jnp.asarray(mask)) / 0.8, -1)
+  for i, (p, t, lp) in enumerate(rows):  # one forward pass over every row, right-padded
+    at = np.arange(len(p) - 1, len(p) + len(t) - 1)
+    np.testing.assert_allclose(lp, np.asarray(logp[i, at, t]), atol=2e-5)
 
 
 def test_long_prompts_prefilled_in_pieces_equal_whole(model):
@@ -140,7 +144,7 @@ def test_row_sharded_engine_equals_one_device():
   cfg = M.preset("tiny", num_heads=8, num_kv_heads=4)
   params = SamplingParams(max_new_tokens=24, temperature=1.0, stop_ids=STOPS)
   config = EngineConfig(slots=8, steps_per_chunk=4, page_size=8)
-  reqs = requests(n=21, seed=6)
+  reqs = requests(n=12, seed=6, longest=16)
   ref, _ = run(M.init_sharded(cfg, ONE, seed=12), reqs, params, config)
   for shape in ({"data": 4}, {"data": 2, "fsdp": 2, "tensor": 2}):
     mesh = sharding.make_mesh(shape, devices=jax.devices()[:np.prod(list(shape.values()))])
