@@ -7,8 +7,9 @@ prompts, up to 512 new tokens, temperature 1.0, stop ids {1, 2, 3, 4}. A random-
 near-uniform logits, so each step stops a row with probability ~4/512: geometric lengths, mean ~125, a long
 tail to the cap. At most 64 rows decode at once:
 
-* static: `sampling.generate` in calls of 8 prompts x 8 samples (64 rows), each decoding until its longest row
-  stops;
+* static: the static-batch sampler this project had before the engine (`sampling.generate` at
+  `benchmarks/revision.py`'s STATIC_SAMPLER_REV, imported from git), in calls of 8 prompts x 8 samples (64
+  rows), each decoding until its longest row stops, on the same weights;
 * engine: `engine.Engine` with 64 slots, rows admitted as slots free up;
 * engine, fixed length: the same engine and slots, stops suppressed and every row exactly 125 tokens (the
   rate the engine reaches when no row ends early).
@@ -23,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 import time
 
 
@@ -37,6 +40,7 @@ def parse(argv=None):
   p.add_argument("--refill_fraction", type=float, default=0.125)
   p.add_argument("--page_size", type=int, default=16)
   p.add_argument("--skip_static", action="store_true")
+  p.add_argument("--static_rev", default="", help="git revision of the static sampler (default: STATIC_SAMPLER_REV)")
   p.add_argument("--json", default="")
   return p.parse_args(argv)
 
@@ -48,10 +52,12 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks import revision  # noqa: E402
 from dapo_jax import model as M  # noqa: E402
 from dapo_jax import sharding  # noqa: E402
 from dapo_jax.engine import Engine, EngineConfig, Request  # noqa: E402
-from dapo_jax.sampling import SamplingParams, generate  # noqa: E402
+from dapo_jax.sampling import SamplingParams  # noqa: E402
 
 MODELS = {
     "S": dict(vocab_size=512, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4, num_kv_heads=2),
@@ -60,17 +66,22 @@ MODELS = {
 SAMPLES, PROMPT_LEN, MAX_NEW, STOPS, FIXED = 8, 32, 512, (1, 2, 3, 4), 125
 
 
-def build(name, mesh):
-  cfg = M.preset("tiny", **MODELS[name], tie_word_embeddings=True, max_position_embeddings=1024,
-                 dtype="float32", param_dtype="float32")
-  return M.init_sharded(cfg, mesh, seed=0)
+def build(name, mesh, model_lib=M):
+  cfg = model_lib.preset("tiny", **MODELS[name], tie_word_embeddings=True, max_position_embeddings=1024,
+                         dtype="float32", param_dtype="float32")
+  return model_lib.init_sharded(cfg, mesh, seed=0)
 
 
-def static_run(model, prompts, params):
+def static_run(static, name, mesh, prompts):
+  """The static sampler of the `static` package (another revision), on its own copy of the same weights."""
+  model = build(name, mesh, static.model)
+  params = static.sampling.SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, stop_ids=STOPS)
+
   def run():
     useful = 0
     for i in range(0, len(prompts), 8):
-      out = generate(model, prompts[i:i + 8], params, jax.random.fold_in(jax.random.key(0), i), num_samples=SAMPLES)
+      out = static.sampling.generate(model, prompts[i:i + 8], params, jax.random.fold_in(jax.random.key(0), i),
+                                     num_samples=SAMPLES)
       useful += int(np.asarray(out.lengths_B).sum())
     return {"useful_tokens": useful}
   return run
@@ -95,15 +106,22 @@ def main():
   config = EngineConfig(slots=args.slots, steps_per_chunk=args.steps_per_chunk, page_size=args.page_size,
                         refill_fraction=args.refill_fraction)
   results = {}
+  static = None
+  if not args.skip_static:
+    import importlib
+    revision.import_revision(args.static_rev or revision.STATIC_SAMPLER_REV, tempfile.mkdtemp(), "dapo_static")
+    static = importlib.import_module("dapo_static")
+    importlib.import_module("dapo_static.model")
+    importlib.import_module("dapo_static.sampling")
   for name in args.models.split(","):
-    model = build(name, mesh)
+    model = build(name, mesh)  # built outside `jax.set_mesh`: parameters carry logical axis names
+    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, stop_ids=STOPS)
+    runs = {"engine": engine_run(model, prompts, params, config),
+            "engine_fixed_length": engine_run(model, prompts, SamplingParams(max_new_tokens=MAX_NEW),
+                                              config, fixed=FIXED)}
+    if static is not None:
+      runs = {"static": static_run(static, name, mesh, prompts), **runs}
     with jax.set_mesh(mesh):
-      params = SamplingParams(max_new_tokens=MAX_NEW, temperature=1.0, stop_ids=STOPS)
-      runs = {"engine": engine_run(model, prompts, params, config),
-              "engine_fixed_length": engine_run(model, prompts, SamplingParams(max_new_tokens=MAX_NEW),
-                                                config, fixed=FIXED)}
-      if not args.skip_static:
-        runs = {"static": static_run(model, prompts, params), **runs}
       best = {k: None for k in runs}
       compile_s = {}
       for k, fn in runs.items():  # the first call compiles

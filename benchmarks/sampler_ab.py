@@ -1,14 +1,15 @@
 """Decode throughput of this tree's sampler against another git revision's, in one process.
 
-    .venv/bin/python benchmarks/sampler_ab.py --base 9de7311 [--models S,M] [--repeats 7] [--devices 2]
+    .venv/bin/python benchmarks/sampler_ab.py --base c749a6e [--models S,M] [--repeats 7] [--devices 2]
 
 Single runs of `sampler_bench.py` move 10-20% on a shared 2-core machine, more than most changes to the
 sampler, so they cannot rank two versions. Here both samplers are compiled in one process on the same weights
-(the base revision's `dapo_jax/` is copied out of git under another package name) and timed alternately; the
-best of `--repeats` is reported for each, with whether they sampled the same tokens. Shapes as in
-`sampler_bench.py`: 8 prompts x 8 samples, 32-token prompts, 128 new tokens, float32. `--devices N` runs both
-on N host devices on a `data` mesh (each device decodes its rows in its own loop), the layout that is fastest
-at S; the default is one device.
+(the base revision's `dapo_jax/` is copied out of git under another package name, `benchmarks/revision.py`)
+and timed alternately through their one-call `generate`; the best of `--repeats` is reported for each, with
+whether they sampled the same tokens (a revision before the rollout engine draws its randomness per step, the
+engine per request: not the same tokens, the same distribution). Shapes as in `sampler_bench.py`: 8 prompts x
+8 samples, 32-token prompts, 128 new tokens, float32. `--devices N` runs both on N host devices on a `data`
+mesh; the default is one device.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import argparse
 import importlib
 import os
 import pathlib
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,21 +34,6 @@ def parse():
   return p.parse_args()
 
 
-def import_revision(rev: str, workdir: str):
-  """The `dapo_jax` package of git revision `rev`, importable as `dapo_base`."""
-  try:
-    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "dapo_jax"], check=True, capture_output=True).stdout
-  except subprocess.CalledProcessError as e:
-    sys.exit(f"sampler_ab: git archive {rev} dapo_jax failed: {e.stderr.decode().strip()}")
-  subprocess.run(["tar", "-x", "-C", workdir], input=tar, check=True)
-  base = pathlib.Path(workdir, "dapo_base")
-  pathlib.Path(workdir, "dapo_jax").rename(base)
-  for f in base.rglob("*.py"):
-    f.write_text(re.sub(r"\bdapo_jax\b", "dapo_base", f.read_text()))
-  sys.path.insert(0, workdir)
-  return importlib.import_module("dapo_base")
-
-
 def main():
   args = parse()
   sys.path.insert(0, str(ROOT))
@@ -57,11 +41,10 @@ def main():
   os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
                              + os.environ.get("XLA_FLAGS", ""))
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
 
   import dapo_jax
+  from benchmarks.revision import generate_fn, import_revision
   from benchmarks.sampler_bench import MODELS, NEW, PROMPT_LEN, PROMPTS, SAMPLES
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -75,22 +58,17 @@ def main():
         M = importlib.import_module(f"{pkg}.model")
         S = importlib.import_module(f"{pkg}.sampling")
         H = importlib.import_module(f"{pkg}.sharding")
+        generate = generate_fn(pkg)
         cfg = M.ModelConfig(architecture="qwen2", tie_word_embeddings=True, rope_theta=10000.0,
                             max_position_embeddings=4096, **MODELS[name])
         mesh = (H.make_mesh(devices=jax.devices()[:1]) if args.devices == 1 else
                 H.make_mesh({"data": -1}, devices=jax.devices()[:args.devices]))
-        graphdef, state = nnx.split(M.init_sharded(cfg, mesh, seed=0))
-        prompt, mask = S.pad_prompts(prompts, 0, PROMPT_LEN)
-        rows = jax.sharding.NamedSharding(mesh, H.logical_to_spec(("batch", None), prompt.shape, mesh))
-        prompt, mask = jax.device_put(prompt, rows), jax.device_put(mask, rows)
-        row_axes = H.row_local_axes(mesh, PROMPTS, state)
-        params = S.SamplingParams(max_new_tokens=NEW, temperature=1.0)
+        model = M.init_sharded(cfg, mesh, seed=0)
 
-        def run(n, S=S, graphdef=graphdef, state=state, prompt=prompt, mask=mask, params=params, mesh=mesh,
-                row_axes=row_axes):
+        def run(n, S=S, generate=generate, model=model, mesh=mesh):
           with jax.set_mesh(mesh):
-            out = S._generate(graphdef, state, prompt, mask, jax.random.key(0), jnp.asarray(n, jnp.int32),
-                              params=params, num_samples=SAMPLES, budget=NEW, row_axes=row_axes)
+            out = generate(model, prompts, S.SamplingParams(max_new_tokens=n, temperature=1.0), jax.random.key(0),
+                           num_samples=SAMPLES)
           return jax.block_until_ready(out)
 
         runs[tag] = (run, run(NEW))

@@ -9,7 +9,7 @@ and a ceiling: the decode rate if a step were nothing but its weight matmuls, ru
 (`weight_matmuls_alone`, random weights of the model's shapes), on one device and on one device per thread.
 Needs the test requirements (torch, transformers).
 
-Ours runs twice on the same weights: on one CPU device (XLA's intra-op threads split each op), and on one CPU
+Ours (the rollout engine, a slot a row) runs twice on the same weights: on one CPU device (XLA's intra-op threads split each op), and on one CPU
 device per thread (`--threads` host devices, a `data` mesh: each device decodes its own rows in its own loop,
 so the many small ops of a decode step run on both cores at once). transformers uses `--threads` torch
 threads. The three are timed in turn, `--repeats` rounds, best of each, so that the machine's drift (10-20%
@@ -45,10 +45,9 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from dapo_jax import model as M  # noqa: E402
-from dapo_jax import sampling, sharding  # noqa: E402
+from dapo_jax import engine, sampling, sharding  # noqa: E402
 
 
 MODELS = {
@@ -125,20 +124,16 @@ def decode_flops_per_token(cfg, context):
 
 
 def ours(cfg, mesh, prompts):
-  """(compile seconds, run(n) -> Rollout) for our sampler on `mesh`, weights from seed 0."""
+  """(compile seconds, run(n) -> Rollout) for our sampler (the rollout engine, a slot for every row, one chunk
+  for the whole budget) on `mesh`, weights from seed 0. run(n) decodes n tokens a row (a per-request budget:
+  the same programs for every n)."""
   model = M.init_sharded(cfg, mesh, seed=0)
-  graphdef, state = nnx.split(model)
-  prompt, mask = sampling.pad_prompts(prompts, 0, PROMPT_LEN)
   params = sampling.SamplingParams(max_new_tokens=NEW, temperature=1.0)
-  rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch", None), prompt.shape, mesh))
-  prompt, mask = jax.device_put(prompt, rows), jax.device_put(mask, rows)
-  row_axes = sharding.row_local_axes(mesh, len(prompts), state)
+  eng = engine.Engine(params, engine.EngineConfig(slots=PROMPTS * SAMPLES, steps_per_chunk=NEW))
 
   def run(n):
     with jax.set_mesh(mesh):
-      out = sampling._generate(graphdef, state, prompt, mask, jax.random.key(0), jnp.asarray(n, jnp.int32),
-                               params=params, num_samples=SAMPLES, budget=NEW, row_axes=row_axes)
-      return jax.block_until_ready(out)
+      return eng.generate(model, prompts, jax.random.key(0), num_samples=SAMPLES, max_new_tokens=[n] * len(prompts))
 
   t0 = time.perf_counter()
   run(1)

@@ -1,9 +1,10 @@
-"""Where a decode step's time goes: the sampler's loop under the jax profiler, joined with its optimized HLO.
+"""Where a decode step's time goes: the rollout engine's decode loop under the jax profiler, joined with its
+optimized HLO.
 
     .venv/bin/python benchmarks/sampler_profile.py [--model S] [--devices 2] [--new 128]
 
-Same shapes as `sampler_bench.py` (8 prompts x 8 samples, 32-token prompts, float32). Runs our sampler on
-`--devices` host devices on a `data` mesh (each decodes its rows in its own loop), times it (best of
+Same shapes as `sampler_bench.py` (8 prompts x 8 samples, 32-token prompts, float32). Runs the engine on
+`--devices` host devices on a `data` mesh (each decodes its slots in its own loop), times it (best of
 `--repeats`), traces one more run and sums the time of every op inside the decode loops, per device and
 step, in three groups: weight matmuls (a dot with no batch dimension; with its GFLOP/s), attention (batched
 dots over cached keys and values) and everything else (XLA's other fusions: norms, RoPE, cache writes,
@@ -41,9 +42,18 @@ def loop_ops(hlo: str) -> dict[str, str]:
   shape>" for a batched dot, "other: <ops>" for the rest."""
   comps = {m.group(1): m.group(2) for m in re.finditer(r"^(?:ENTRY )?%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo,
                                                         re.S | re.M)}
-  # The decode loops (one per cache segment); the RNG's own small while loops are left out.
+  # The engine's decode loop, and what it calls: the loop over prompt blocks, the branches that read a cache
+  # segment or write one. The RNG's own small while loops run before the loop and are left out.
   bodies = [m.group(1) for m in re.finditer(r" while\(.*?body=%([\w.\-]+), metadata=\{op_name=\"([^\"]*)\"", hlo)
-            if re.search(r"_generate_impl\)/(shard_map/)?while$", m.group(2))]
+            if re.search(r"_decode_jit\)/(shard_map/)?while$", m.group(2))]
+  seen = set(bodies)
+  for body in bodies:  # grows as nested loops and branches are found
+    for called in re.findall(r"(?:body|branch_computations|true_computation|false_computation)=\{?([^}\n]*)",
+                             comps.get(body, "")):
+      for name in re.findall(r"%([\w.\-]+)", called.split(", metadata")[0]):
+        if name in comps and name not in seen and "condition" not in name:
+          seen.add(name)
+          bodies.append(name)
   ops = {}
   for body in bodies:
     text = comps.get(body, "")
@@ -85,7 +95,7 @@ def main():
   dump = tempfile.mkdtemp(prefix="sampler_profile_")
   # XLA reads these once, when jax starts.
   os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} --xla_dump_to={dump} "
-                             "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*generate_impl.* "
+                             "--xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*decode_jit.* "
                              + os.environ.get("XLA_FLAGS", ""))
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   import jax
@@ -113,7 +123,7 @@ def main():
   trace_dir = os.path.join(dump, "trace")
   with jax.profiler.trace(trace_dir):
     run(args.new)
-  hlo_files = sorted(glob.glob(os.path.join(dump, "*generate_impl*.cpu_after_optimizations.txt")),
+  hlo_files = sorted(glob.glob(os.path.join(dump, "*decode_jit*.cpu_after_optimizations.txt")),
                      key=os.path.getmtime)
   ops = loop_ops(open(hlo_files[-1]).read())
   events = json.load(gzip.open(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]))

@@ -34,8 +34,8 @@ def get_config(arg=None):
   c.model.hf_path = ""  # set: a Qwen2.5-32B (base) checkpoint directory
   c.model.param_dtype, c.model.dtype = "float32", "bfloat16"
   c.model.remat, c.model.attention_chunk = True, 1024  # as verl's gradient checkpointing; no T^2 scores
-  # 128 rows decoding at once per data shard group: pages for 128 x 20,480 tokens fit the mesh's memory.
-  c.rollout.engine.slots = 128
+  # 256 rows decoding at once, 32 per fsdp group: their 20,480-token budgets fit 95 GiB chips on fsdp 8 x tensor 4.
+  c.rollout.engine.slots = 256
   c.sft.steps = 0
   c.rollout.group_size, c.rollout.gen_batch_size, c.rollout.train_batch_size = 16, 1536, 512
   c.rollout.max_response_length = 20480

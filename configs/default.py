@@ -65,8 +65,8 @@ def get_config(arg=None):
   # The rollout engine (dapo_jax/engine.py): rows decoding at once (the KV cache's memory budget), tokens per
   # page, decode steps per jitted chunk; see engine.EngineConfig for the rest.
   c.rollout.engine = ml_collections.ConfigDict(
-      {"slots": 192, "page_size": 16, "steps_per_chunk": 16, "refill_fraction": 0.125, "prefill_batch": 0,
-       "prefill_chunk": 512, "pages_per_block": 4, "attention_rows": 16})
+      {"slots": 192, "page_size": 16, "steps_per_chunk": 64, "refill_fraction": 0.125, "prefill_batch": 0,
+       "prefill_chunk": 512, "attention_rows": 8})
   c.rollout.train_batch_size = 16  # prompt groups per training step
   c.rollout.max_response_length = 32
   c.rollout.temperature = 1.0

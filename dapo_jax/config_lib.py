@@ -3,6 +3,7 @@ the checks that need more than one field or the mesh; all run before anything is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from dapo_jax import rewards
@@ -52,6 +53,10 @@ def engine_config(config) -> EngineConfig:
   """The rollout engine's slots and pages (`rollout.engine`; a run config written before it existed gets the
   defaults)."""
   fields = dict(config.rollout.get("engine", None) or {})
+  known = [f.name for f in dataclasses.fields(EngineConfig)]
+  unknown = sorted(set(fields) - set(known))
+  if unknown:
+    _fail(f"rollout.engine.{unknown[0]}", f"no such field; rollout.engine has {known}")
   return _built(lambda: EngineConfig(**fields))
 
 

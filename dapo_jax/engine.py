@@ -40,7 +40,7 @@ from dapo_jax import distributed
 from dapo_jax.model.transformer import KVCache, Transformer
 from dapo_jax.sampling import (BUDGET_BUCKETS, PROMPT_BUCKETS, Rollout, SamplingParams, bucket, pad_prompts,
                                sample_token)
-from dapo_jax.sharding import row_local_axes
+from dapo_jax.sharding import logical_to_spec, row_local_axes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,13 +49,16 @@ class EngineConfig:
   steps per jitted call; a chunk also ends early once `refill_fraction` of the slots are free and rows wait.
   prefill_batch: prompts prefilled per call (0: enough to fill every slot's group). prefill_chunk: a prompt
   longer than this is prefilled in pieces of this many tokens (0: whole). attention_rows: prompts whose pages
-  attention reads at a time."""
+  attention reads at a time. prompt_tokens: the prompt pages' size in tokens, per device group that decodes
+  its own slots (0: room for 2 x slots / G prompts and a prefill batch at the widest prompt's bucket); a
+  prompt waits for pages when they are all in use."""
   slots: int = 64
   page_size: int = 16
   steps_per_chunk: int = 64
   refill_fraction: float = 0.125
   prefill_batch: int = 0
   prefill_chunk: int = 512
+  prompt_tokens: int = 0
   attention_rows: int = 8
 
   def __post_init__(self):
@@ -63,7 +66,7 @@ class EngineConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
         raise ValueError(f"rollout.engine.{name}: must be a positive integer, got {value!r}")
-    for name in ("prefill_batch", "prefill_chunk"):
+    for name in ("prefill_batch", "prefill_chunk", "prompt_tokens"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 0:
         raise ValueError(f"rollout.engine.{name}: must be an integer >= 0, got {value!r}")
@@ -308,15 +311,15 @@ def _prefill(graphdef, state, cache, prompt_logits_RxV, prompt_AxP, prompt_len_A
   positions_AxP = jnp.broadcast_to(jnp.arange(p)[None], (a, p))
   kv = KVCache.zeros(cfg, a, p)
   step = chunk if chunk and p > chunk and p % chunk == 0 else p
-  last_AxV = jnp.zeros((a, cfg.vocab_size), jnp.float32)
+  last_AxD = jnp.zeros((a, cfg.hidden_size), jnp.dtype(cfg.dtype))
   for start in range(0, p, step):  # pieces attend to the earlier ones through the cache
-    logits_AxTxV, kv = model.forward_with_cache(prompt_AxP[:, start:start + step],
-                                                positions_AxP[:, start:start + step], kv,
-                                                attn_mask_BxT=mask_AxP[:, start:start + step])
+    x_AxTxD, kv = model.hidden_with_cache(prompt_AxP[:, start:start + step], positions_AxP[:, start:start + step],
+                                          kv, attn_mask_BxT=mask_AxP[:, start:start + step])
     at_A = prompt_len_A - 1 - start
     here = (at_A >= 0) & (at_A < step)
-    picked = jnp.take_along_axis(logits_AxTxV, jnp.clip(at_A, 0, step - 1)[:, None, None], axis=1)[:, 0]
-    last_AxV = jnp.where(here[:, None], picked, last_AxV)
+    picked = jnp.take_along_axis(x_AxTxD, jnp.clip(at_A, 0, step - 1)[:, None, None], axis=1)[:, 0]
+    last_AxD = jnp.where(here[:, None], picked.astype(last_AxD.dtype), last_AxD)
+  last_AxV = model.logits(last_AxD[:, None])[:, 0]  # the last position's logits only
   q = p // page
   new_cache = []
   for ((kt_pool, v_pool), segments), kt, v in zip(cache, kv.k, kv.v):
@@ -370,6 +373,19 @@ def _shards(row_axes) -> int:
 def compiled_programs() -> int:
   """Engine programs compiled in this process (decode chunks and prefills)."""
   return _decode_jit._cache_size() + _prefill_jit._cache_size()
+
+
+def lower_decode(model, requests: Sequence[Request], params: SamplingParams, config: EngineConfig):
+  """The decode chunk program the engine runs first for `requests` (admitted and prefilled as a run would),
+  lowered (`.compile().as_text()` is its optimized HLO): for reading what a decode step computes."""
+  graphdef, state = nnx.split(model)
+  run = _Run(Engine(params, config), graphdef, state, model.cfg, iter(requests), jax.random.key(0))
+  run._prefill_more()
+  run._admit()
+  run.host["free_target"] = np.full(config.slots, run.slots + 1)
+  run.host["clock"] = np.zeros(config.slots, np.int64)
+  args, kwargs = run._decode_args()
+  return _decode_jit.lower(*args, **kwargs)
 
 
 def generate(model, prompts, params: SamplingParams, rng, *, num_samples: int = 1, prompt_mask=None,
@@ -513,6 +529,7 @@ class _Run:
     self.page, self.budget = c.page_size, engine.budget
     self.slots = c.slots // self.shards  # per shard
     self.exhausted = False
+    self.peeked: Request | None = None
     self.next_index = 0
     self.counts = dict(decode_steps=0, useful_steps=0, chunks=0, prefill_calls=0, decoded_tokens=0,
                        finished_groups=0, queued_decode_steps=0, queued_useful_steps=0)
@@ -539,6 +556,17 @@ class _Run:
   def _row_sharding(self):
     mesh = self._mesh()
     return None if mesh is None else jax.sharding.NamedSharding(mesh, P(self.row_axes) if self.row_axes else P())
+
+  def _slot_sharding(self, shape):
+    """Per-slot device state (generated keys and values, logits, outputs): each shard's slots with it; on a
+    mesh that also splits parameters (one SPMD program), slots over the batch axes and heads over `tensor`,
+    so that no device holds every slot's keys and values."""
+    mesh = self._mesh()
+    if mesh is None or self.row_axes:
+      return self._row_sharding()
+    names = ("batch", "kv_heads", None, None)[:len(shape)] if len(shape) == 4 else ("batch",) + (None,) * (
+        len(shape) - 1)
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 
   def _put(self, x):
     """A host array, the same on every process, as a global array split by rows (each shard its own)."""
@@ -569,12 +597,13 @@ class _Run:
     n_seg = -(-self.budget // seg)
     self.ring = n_seg * seg
     self.segments = _zeros(lambda: [[(jnp.zeros((s, kvh, hd, seg), dt), jnp.zeros((s, kvh, seg, hd), dt))
-                                     for _ in range(n_seg)] for _ in range(cfg.num_layers)], self._row_sharding())
+                                     for _ in range(n_seg)] for _ in range(cfg.num_layers)],
+                           self._slot_sharding((s, kvh, hd, seg)))
     r_all = self.prompt_rows * self.shards
-    self.logits, self.prompt_logits, tokens, logps = _zeros(
-        lambda: (jnp.zeros((s, v), jnp.float32), jnp.zeros((r_all, v), jnp.float32),
-                 jnp.zeros((s, self.budget), jnp.int32), jnp.zeros((s, self.budget), jnp.float32)),
-        self._row_sharding())
+    self.logits, tokens, logps = _zeros(
+        lambda: (jnp.zeros((s, v), jnp.float32), jnp.zeros((s, self.budget), jnp.int32),
+                 jnp.zeros((s, self.budget), jnp.float32)), self._slot_sharding((s, v)))
+    self.prompt_logits = _zeros(lambda: jnp.zeros((r_all, v), jnp.float32), self._row_sharding())
     self.tokens = [tokens, logps]
     self.free_rows = [list(range(self.prompt_rows)) for _ in range(self.shards)]
     self.prompt_host = dict(table=np.zeros((r_all, 0), np.int32), length=np.zeros(r_all, np.int32),
@@ -585,14 +614,21 @@ class _Run:
     self._grow_pages(prompt_width)
     self.started = True
 
+  def _pool_pages(self, prompt_width: int) -> int:
+    """Pages per shard (page 0, zeros, the tables' filler, included) for prompts up to `prompt_width` tokens."""
+    tokens = self.e.config.prompt_tokens
+    if not tokens:
+      tokens = (2 * -(-self.slots // self.group) + self.prefill_batch) * prompt_width
+    return 1 + -(-tokens // self.page)
+
   def _grow_pages(self, prompt_width: int):
-    """Prompt pages for prompts of up to `prompt_width` tokens in every prompt row; a wider prompt than any
-    so far regrows them, pages in use keeping their ids."""
+    """Prompt pages and tables for prompts of up to `prompt_width` tokens; a wider prompt than any so far
+    regrows them (a new program), pages in use keeping their ids."""
     if prompt_width <= self.prompt_cap:
       return
     cfg = self.cfg
     q = prompt_width // self.page
-    pages = 1 + self.prompt_rows * q  # page 0: zeros, the table's filler
+    pages = max(self._pool_pages(prompt_width), 0 if self.pages is None else self.pages_per_shard)
     old_pages = 0 if self.pages is None else self.pages_per_shard
     kshape = (pages * self.shards, cfg.num_kv_heads, cfg.head_dim, self.page)
     vshape = (pages * self.shards, cfg.num_kv_heads, self.page, cfg.head_dim)
@@ -620,6 +656,29 @@ class _Run:
       self.prompt_host["members"], self.group = members, group
 
   # ---- scheduling
+
+  def _peek(self) -> Request | None:
+    """The next request, not yet taken (`_take`)."""
+    if self.peeked is None and not self.exhausted:
+      self.peeked = self._pull()
+    return self.peeked
+
+  def _take(self) -> Request:
+    r, self.peeked = self.peeked, None
+    return r
+
+  def _fits(self, shard: int, r: Request, batch: list[Request]) -> bool:
+    """Whether `r`'s prompt pages are free on `shard` beside those `batch` takes (the pool as it would grow
+    for its width)."""
+    width = max([self._width(len(x.prompt_ids)) for x in batch + [r]] + [self.prompt_cap])
+    grow = max(self._pool_pages(width) - self.pages_per_shard, 0) if self.e.config.prompt_tokens == 0 else 0
+    need = sum(-(-len(x.prompt_ids) // self.page) for x in batch + [r])
+    if need <= len(self.free_pages[shard]) + grow:
+      return True
+    if not batch and not any(p.to_admit or p.slots for p in self.in_flight.values() if p.shard == shard):
+      raise ValueError(f"engine: request {r.key_id}'s prompt of {len(r.prompt_ids)} tokens does not fit the prompt "
+                       f"pages (rollout.engine.prompt_tokens={self.e.config.prompt_tokens})")
+    return False
 
   def _pull(self) -> Request | None:
     if self.exhausted:
@@ -661,12 +720,14 @@ class _Run:
       if self.started and (len(batch[shard]) >= self.prefill_batch
                            or len(batch[shard]) >= len(self.free_rows[shard])):
         break
-      r = self._pull()
+      r = self._peek()
       if r is None:
         break
-      batch[shard].append(r)
       if not self.started:
         self._start(r.num_samples, self._width(len(r.prompt_ids)))
+      if not self._fits(shard, r, batch[shard]):
+        break
+      batch[shard].append(self._take())
     pulled = [(sh, r) for sh in range(self.shards) for r in batch[sh]]
     if not pulled:
       return
@@ -754,6 +815,16 @@ class _Run:
     return np.concatenate([ph["length"][:, None], np.concatenate(order)[:, None], ph["members"]], axis=1
                           ).astype(np.int32)
 
+  def _decode_args(self) -> tuple[tuple, dict]:
+    """The next decode chunk's arguments (`_decode_jit`)."""
+    c = self.e.config
+    cache = [(pages, segs) for pages, segs in zip(self.pages, self.segments)]
+    return ((self.graphdef, self.state, self.rng, cache, self.logits, self.prompt_logits,
+             self._put(_Slots.pack(self.host)), self._put(self.prompt_host["table"]), self._put(self._prompt_info()),
+             *self.tokens),
+            dict(params=self.e.program_params, page=self.page, rows=c.attention_rows, steps=c.steps_per_chunk,
+                 row_axes=self.row_axes))
+
   def loop(self) -> Iterator[list[GroupResult]]:
     c = self.e.config
     h = self.host
@@ -764,19 +835,17 @@ class _Run:
       if not h["live"].any():
         if ready:
           yield ready
-        if self.exhausted and not any(self.waiting):
+        if self.exhausted and self.peeked is None and not any(self.waiting):
           return
         raise RuntimeError("engine: rows wait but none could be admitted")
-      queued = (not self.exhausted) or any(self._waiting_rows(sh) for sh in range(self.shards))
+      queued = (not self.exhausted or self.peeked is not None
+                or any(self._waiting_rows(sh) for sh in range(self.shards)))
       free_target = max(1, int(c.refill_fraction * self.slots)) if queued else self.slots + 1
       h["clock"] = np.repeat(self.clock % self.ring, self.slots)
       h["free_target"] = np.full(c.slots, free_target)
       before_live, before_gen = h["live"].copy(), h["generated"].copy()
-      cache = [(pages, segs) for pages, segs in zip(self.pages, self.segments)]
-      (cache, self.logits, gen, live, *self.tokens, steps) = _decode_jit(
-          self.graphdef, self.state, self.rng, cache, self.logits, self.prompt_logits, self._put(_Slots.pack(h)),
-          self._put(self.prompt_host["table"]), self._put(self._prompt_info()), *self.tokens,
-          params=self.e.program_params, page=self.page, rows=c.attention_rows, steps=c.steps_per_chunk, row_axes=self.row_axes)
+      args, kwargs = self._decode_args()
+      (cache, self.logits, gen, live, *self.tokens, steps) = _decode_jit(*args, **kwargs)
       self.pages, self.segments = [p for p, _ in cache], [s for _, s in cache]
       if ready:  # the previous chunk's groups, handled while this chunk decodes
         yield ready

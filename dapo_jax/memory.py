@@ -50,10 +50,13 @@ class MemoryEstimate:
 
 
 def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, slots: int, prompt_len: int,
-             response_len: int, device_gib: float, page_size: int = 16, prefill_batch: int = 0,
-             slots_split: bool = True, reference: bool = False) -> MemoryEstimate:
-  """`slots_split`: the engine's slots and pages divide over the data axes (a mesh that only splits rows,
-  `sharding.row_local_axes`); otherwise every device holds the whole pool, its heads split over `tensor`."""
+             response_len: int, device_gib: float, group_size: int = 1, page_size: int = 16,
+             prefill_batch: int = 0, prompt_tokens: int = 0, pages_split: bool = True,
+             reference: bool = False) -> MemoryEstimate:
+  """The rollout engine (`engine._Run._start`): each slot's generated keys and values for the whole budget
+  (split over the data axes with the slots), its prompt pages (`prompt_tokens`, 0: room for 2 x slots / G
+  prompts and a prefill batch; per device group that decodes its own slots when `pages_split`, a mesh that
+  only splits rows, else on every device), and one prefill's keys, values and logits."""
   data = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
   tensor = mesh_shape.get("tensor", 1)
   shards = mesh_shape.get("fsdp", 1) * tensor
@@ -77,13 +80,15 @@ def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, slots
     layers = l * per_layer
   activations = rows * (layers + logits)
   kv_heads = cfg.num_kv_heads / min(tensor, cfg.num_kv_heads)
-  # Pages (engine._Run._ensure_pools): page 0, each slot's whole budget, the prompts of the slots and of one
-  # prefill batch; the prefill's contiguous keys and values and its logits beside them.
-  local = max(slots / data, 1) if slots_split else slots
-  prefill = prefill_batch or local
-  pages = 1 + local * -(-response_len // page_size) + (local + prefill) * -(-prompt_len // page_size)
   token_bytes = 2 * l * kv_heads * cfg.head_dim * cbytes
-  kv_cache = pages * page_size * token_bytes + prefill * prompt_len * (token_bytes + 4 * cfg.vocab_size / tensor)
+  slot_shards = data if slots % data == 0 else 1
+  local = max(int(slots / (data if pages_split else 1)), 1)  # the slots whose prompts a device holds
+  prefill = prefill_batch or -(-local // group_size)
+  width = -(-prompt_len // page_size) * page_size
+  prompt_tokens = prompt_tokens or (2 * -(-local // group_size) + prefill) * width
+  generated = slots / slot_shards * response_len * token_bytes
+  kv_cache = (generated + (prompt_tokens + page_size) * token_bytes
+              + prefill * (width * token_bytes + 4 * cfg.vocab_size / tensor))
   return MemoryEstimate(params, optimizer, gradients, activations, kv_cache, device_gib,
                         reference=params if reference else 0.0)
 
@@ -115,11 +120,12 @@ def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict,
                         device_gib: float | None = None) -> MemoryEstimate:
   r = config.rollout
   engine = config_lib.engine_config(config)
-  # Slots split over the data axes only where no parameter is split there (sharding.row_local_axes).
+  # Prompt pages split with the slots only where no parameter is split over the data axes
+  # (sharding.row_local_axes: each device then decodes its own slots).
   split = mesh_shape.get("fsdp", 1) == 1 and mesh_shape.get("tensor", 1) == 1
   return estimate(model_cfg, mesh_shape=mesh_shape, micro_batch_rows=config.actor.micro_batch_size,
                   slots=engine.slots, prompt_len=config.data.max_prompt_length,
                   response_len=r.max_response_length,
                   device_gib=config.hardware.device_memory_gib if device_gib is None else device_gib,
-                  page_size=engine.page_size, prefill_batch=engine.prefill_batch, slots_split=split,
-                  reference=config.actor.kl_coef > 0)
+                  group_size=r.group_size, page_size=engine.page_size, prefill_batch=engine.prefill_batch,
+                  prompt_tokens=engine.prompt_tokens, pages_split=split, reference=config.actor.kl_coef > 0)

@@ -58,6 +58,7 @@ def tiny_config(data_dir, **changes):
   c.model.overrides.num_layers = 2
   c.rollout.group_size, c.rollout.gen_batch_size, c.rollout.train_batch_size = 4, 8, 4
   c.actor.mini_batch_size, c.actor.micro_batch_size = 2, 8
+  c.rollout.engine.slots = 32  # a generation batch of 8 prompts x 4
   c.actor.lr = 1e-3
   c.dynamic_sampling.on_exhausted = "train_on_kept"
   c.dynamic_sampling.max_num_gen_batches = 2

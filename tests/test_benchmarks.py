@@ -5,14 +5,12 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks import sampler_bench, sampler_profile  # noqa: E402
 from dapo_jax import model as M  # noqa: E402
-from dapo_jax import sampling, sharding  # noqa: E402
+from dapo_jax import engine, sampling, sharding  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -55,19 +53,18 @@ def test_matmuls_alone_does_a_decode_steps_matmul_flops_per_device():
   assert 0 < seconds < 1.0, seconds
 
 
-def test_profile_reads_the_decode_loops_ops_from_the_compiled_sampler():
+def test_profile_reads_the_decode_loops_ops_from_the_compiled_engine():
   cfg = _cfg(**TINY)
-  graphdef, state = nnx.split(M.init_sharded(cfg, sharding.make_mesh(devices=jax.devices()[:1]), seed=0))
-  prompt, mask = sampling.pad_prompts([[1, 2, 3], [4, 5]], 0)
+  model = M.init_sharded(cfg, sharding.make_mesh(devices=jax.devices()[:1]), seed=0)
   params = sampling.SamplingParams(max_new_tokens=16, temperature=1.0)
-  hlo = sampling._generate.lower(graphdef, state, jnp.asarray(prompt), jnp.asarray(mask), jax.random.key(0),
-                                 jnp.asarray(16, jnp.int32), params=params, num_samples=2,
-                                 budget=16).compile().as_text()
+  requests = [engine.Request([1, 2, 3], 2, key_id=0), engine.Request([4, 5], 2, key_id=1)]
+  hlo = engine.lower_decode(model, requests, params, engine.EngineConfig(slots=4)).compile().as_text()
   ops = sampler_profile.loop_ops(hlo)
   kinds = [d.split(" ")[0] for d in ops.values()]
   layers = cfg.num_layers
-  # A 16-token budget is one cache segment, one loop: per layer q/k/v, output, gate/up and down, then the
-  # LM head; attention is a scores and a values dot for each of the prompt part and the generated part.
+  # A 16-token budget is one cache segment: per layer q/k/v, output, gate/up and down, then the LM head;
+  # attention is a scores and a values dot for each of the prompt part (its loop over prompt blocks) and the
+  # generated part (the segment's branch).
   assert kinds.count("matmul") == 4 * layers + 1
   assert kinds.count("attention") == 2 * 2 * layers
   assert set(kinds) == {"matmul", "attention", "other:"}  # the rest of a step (norms, sampling, cache writes)

@@ -368,7 +368,7 @@ def test_paper_configs_and_memory_estimate():
   est = memory.estimate_for_config(c, cfg, {"fsdp": 8, "tensor": 4})
   np.testing.assert_allclose(est.params, 32_763_876_352 * 4 / 32)
   np.testing.assert_allclose(est.optimizer, 2 * est.params)
-  assert est.fits  # with layer remat, 1024-token attention blocks and 8-prompt generation chunks
+  assert est.fits  # with layer remat, 1024-token attention blocks and 256 decode slots
   naive = memory.estimate_for_config(c, cfg.replace(remat=False, attention_chunk=0), {"fsdp": 8, "tensor": 4})
   assert not naive.fits  # materialised 22528^2 attention scores in every layer
   for mod in (dapo_qwen2_5_math_7b, dapo_qwen2_5_0_5b):
@@ -376,7 +376,7 @@ def test_paper_configs_and_memory_estimate():
   c7 = dapo_qwen2_5_math_7b.get_config()
   assert memory.estimate_for_config(c7, tasks.model_config(c7), {"fsdp": 8}).fits
   small = memory.estimate(tasks.model_config(dapo_qwen2_5_0_5b.get_config()), mesh_shape={"fsdp": 8},
-                          micro_batch_rows=8, gen_rows=64, prompt_len=256, response_len=512, device_gib=80)
+                          micro_batch_rows=8, slots=64, prompt_len=256, response_len=512, device_gib=80)
   assert small.fits
 
 

@@ -1,7 +1,6 @@
 """`rollout.Rollouts`: prompts -> a ScoredBatch whose every field is what the sampler, the tokenizer, the reward
 and overlong shaping give for each row; chunked sampling equal to one call."""
 
-import dataclasses
 
 import jax
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 
 from dapo_jax import config_lib, sharding, tasks
 from dapo_jax.rewards import OverlongShaping, RewardExecutor, overlong_penalty
+from dapo_jax.engine import EngineConfig
 from dapo_jax.rollout import Rollouts, ScoredBatch
 from tests.conftest import tiny_config
 from tests.rewards import parity_reward
@@ -49,17 +49,22 @@ def test_a_scored_batch_holds_what_each_stage_gives(policy):
   assert set(timings) == {"timing_s/gen", "timing_s/reward"}
 
 
-def test_chunked_sampling_equals_one_call_when_greedy(policy):
+def test_streamed_groups_and_slot_counts_change_no_sample(policy):
   config, task, model, mesh = policy
   tok = task.tokenizer
-  greedy = dataclasses.replace(config_lib.sampling_params(config, tok), temperature=0.0)
+  params = config_lib.sampling_params(config, tok)
   rows = task.eval_rows[:5]
   with RewardExecutor(config.reward.name, workers=0) as executor, jax.set_mesh(mesh):
-    whole = Rollouts(tok, executor, greedy, num_samples=2)(model, rows, jax.random.key(0))
-    # 2 + 2 + 1 prompts, the last call filled up to 2 and its extra rows dropped.
-    chunked = Rollouts(tok, executor, greedy, num_samples=2, chunk_size=2, fill=True)(model, rows, jax.random.key(0))
-  assert whole.text_B.tolist() == chunked.text_B.tolist()
-  np.testing.assert_array_equal(whole.lengths_B, chunked.lengths_B)
+    whole = Rollouts(tok, executor, params, num_samples=2)(model, rows, jax.random.key(0), first_group=7)
+    # 4 slots: rows wait for slots and are admitted as others stop; groups come back as they finish.
+    few = Rollouts(tok, executor, params, num_samples=2, engine=EngineConfig(slots=4, steps_per_chunk=3))
+    parts = list(few.stream(model, iter(rows), jax.random.key(0), first_group=7))
+  streamed = ScoredBatch.concat(parts)
+  assert len(parts) > 1 and sorted(streamed.group_B.tolist()) == whole.group_B.tolist()
+  order = np.argsort(streamed.group_B, kind="stable")
+  assert streamed.rows(order).text_B.tolist() == whole.text_B.tolist()
+  np.testing.assert_array_equal(streamed.rows(order).score_B, whole.score_B)
   n = whole.tokens_BxN.shape[1]
-  np.testing.assert_array_equal(whole.tokens_BxN, chunked.tokens_BxN[:, :n])
-  np.testing.assert_allclose(whole.sampler_logp_BxN, chunked.sampler_logp_BxN[:, :n], atol=1e-5)
+  np.testing.assert_array_equal(streamed.rows(order).tokens_BxN[:, :n], whole.tokens_BxN)
+  np.testing.assert_allclose(streamed.rows(order).sampler_logp_BxN[:, :n], whole.sampler_logp_BxN, atol=1e-5)
+  assert few.engine.stats.finished_groups == 5 and few.engine.stats.dropped_groups == 0

@@ -336,7 +336,7 @@ def test_a_signal_after_a_steps_checkpoint_decision_still_ends_on_a_checkpoint(t
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data_dir):
   config = tiny_config(data_dir, total_steps=50, **{"eval.every": 0, "checkpoint.every": 100,
-                                                   "rollout.gen_chunk_size": 4})  # 2 sampler calls per batch
+                                                   "rollout.engine.slots": 16})  # rows wait for slots
   proc = _run(config, tmp_path)
   deadline = time.monotonic() + 600
   metrics = tmp_path / "metrics.jsonl"
@@ -356,19 +356,19 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path, data_dir):
   assert 0 < last < 50 and steps[-1] == last
 
 
-def test_evaluation_in_chunks_equals_one_call_when_greedy(tmp_path, data_dir):
+def test_evaluation_with_fewer_slots_equals_all_at_once(tmp_path, data_dir):
   from dapo_jax import tasks
   from dapo_jax.evaluation import evaluate_task
   from dapo_jax.rewards.executor import RewardExecutor
-  config = tiny_config(data_dir, **{"eval.temperature": 0.0, "eval.num_problems": 5, "eval.k": 2})
+  config = tiny_config(data_dir, **{"eval.num_problems": 5, "eval.k": 2})
   mesh = sharding.make_mesh({"data": 2}, devices=jax.devices()[:2])
   task = tasks.build(config, tmp_path)
   model = tasks.build_policy(config, task, mesh)
   with RewardExecutor(config.reward.name, workers=0, timeout_s=5.0) as executor, jax.set_mesh(mesh):
     whole = evaluate_task(model, task, config, jax.random.key(0), executor)
-    config.eval.chunk_size = 2  # 2 + 2 + 1 problems, the last call filled up to 2 and the extra dropped
-    chunked = evaluate_task(model, task, config, jax.random.key(0), executor)
-  assert whole == chunked and 0.0 < whole["val/response_length/mean"]
+    config.rollout.engine.slots = 4  # 10 rows through 4 slots, 2 per device: sampled at temperature 1 all the same
+    fewer = evaluate_task(model, task, config, jax.random.key(0), executor)
+  assert whole == fewer and 0.0 < whole["val/response_length/mean"]
 
 
 def test_advantages_are_summarised_over_response_tokens():

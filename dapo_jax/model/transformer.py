@@ -275,6 +275,12 @@ class Transformer(nnx.Module):
   def forward_with_cache(self, tokens_BxT, positions_BxT, cache: KVCache, attn_mask_BxT=None):
     """Writes T new tokens at slot `cache.index`; they attend to every valid earlier slot and causally
     among themselves. Returns (logits_BxTxV, updated cache)."""
+    x, cache = self.hidden_with_cache(tokens_BxT, positions_BxT, cache, attn_mask_BxT)
+    return self.logits(x), cache
+
+  def hidden_with_cache(self, tokens_BxT, positions_BxT, cache: KVCache, attn_mask_BxT=None):
+    """`forward_with_cache` up to the final norm: (hidden_BxTxD, updated cache), for callers that need the
+    logits of a few positions only (a prefill needs the last)."""
     b, t = tokens_BxT.shape
     s = cache.valid_BxS.shape[1]
     if attn_mask_BxT is None:
@@ -285,7 +291,7 @@ class Transformer(nnx.Module):
     mask_BxTxS = causal_TxS[None] & valid_BxS[:, None, :]
     x, kvs = self._body(tokens_BxT, positions_BxT, mask_BxTxS, (cache.k, cache.v, cache.index))
     k, v = zip(*kvs)
-    return self.logits(x), KVCache(tuple(k), tuple(v), valid_BxS, cache.index + t)
+    return x, KVCache(tuple(k), tuple(v), valid_BxS, cache.index + t)
 
   def decode_step(self, token_B, position_B, cache_per_layer, attend, rope_table):
     """A sampler's step: one token per row, whose key and value `attend` stores in each layer's cache and
