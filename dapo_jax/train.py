@@ -267,7 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with config_lib.reward_executor(config) as executor, _Stop() as stop, jax.set_mesh(mesh):
       rollouts = Rollouts(task.tokenizer, executor, config_lib.sampling_params(config, task.tokenizer),
                           num_samples=g, engine=config_lib.engine_config(config), overlong=overlong)
-      streaming = r.get("streaming", False)
+      # With the filter off every group is kept: the batch is one generation batch, nothing to stream for.
+      streaming = r.get("streaming", False) and strategy.enable
 
       def evaluate(at_step):
         return evaluate_task(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9 + at_step),

@@ -325,10 +325,11 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
                                                                        "pass@4"}
   assert summary["problems"][0]["answer"] == "18" and summary["problems"][0]["n"] == 4
   assert summary["truncated_prompts"] == sum(r["prompt_truncated"] for r in eval_rows)
-  # Greedy samples do not depend on how the problems are chunked (the last chunk is filled up and cut back).
+  # Samples do not depend on how many rows decode at once (4 slots: rows wait for one and are admitted later).
+  from dapo_jax.engine import EngineConfig
   with jax.set_mesh(mesh):
-    greedy = [evaluation.evaluate_rows(model, tok, eval_rows, k=2, temperature=0.0, top_p=1.0, max_new_tokens=16,
-                                     workers=0, batch_prompts=b)["problems"] for b in (2, 8)]
+    greedy = [evaluation.evaluate_rows(model, tok, eval_rows, k=2, temperature=1.0, top_p=1.0, max_new_tokens=16,
+                                     workers=0, engine=EngineConfig(slots=s))["problems"] for s in (4, 64)]
   assert [p["sample"] for p in greedy[0]] == [p["sample"] for p in greedy[1]]
   # Exported (what `python -m dapo_jax.export` writes): transformers loads the same policy and tokenizer.
   import jax.numpy as jnp
