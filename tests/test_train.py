@@ -428,6 +428,7 @@ GOLDEN_STEP = {
     "actor/ppo_kl": 0.09969592839479446, "actor/grad_norm": 1.0108098983764648, "actor/entropy": 1.4159759283065796,
     "train/num_gen_batches": 2.0, "train/num_trained_groups": 4.0, "train/kept_group_fraction": 0.8,
     "critic/score/mean": -0.0625, "response_length/mean": 21.625,
+    "train/dropped_groups": 11.0, "train/decoded_tokens_per_trained_token": 2.647398843930636,
 }
 
 
@@ -439,6 +440,6 @@ def test_one_dapo_step_gives_the_recorded_metrics(tmp_path, data_dir):
   got = {k: row[k] for k in ("actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_high", "actor/pg_clipfrac_low",
                              "actor/ppo_kl", "actor/grad_norm", "actor/entropy", "train/num_gen_batches",
                              "train/num_trained_groups", "train/kept_group_fraction", "critic/score/mean",
-                             "response_length/mean")}
+                             "response_length/mean", "train/dropped_groups", "train/decoded_tokens_per_trained_token")}
   assert got.keys() == GOLDEN_STEP.keys() and all(
       np.isclose(got[k], GOLDEN_STEP[k], rtol=1e-4, atol=1e-7) for k in got), f"got {got}"
