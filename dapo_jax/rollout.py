@@ -163,13 +163,17 @@ class Rollouts:
 
   def stream(self, model, rows: Iterable[dict], rng, *, first_group: int = 0,
              timings: dict | None = None) -> Iterator[ScoredBatch]:
-    """Streaming: the groups of `rows` (pulled as the engine has room) as scored batches, each holding the
-    groups whose last row stopped in one decode chunk, in the order they stopped. Each batch is scored while
-    the engine decodes the next chunk; closing the generator stops decoding (`self.engine.stats` counts the
-    groups dropped in flight)."""
+    """Streaming: the groups of `rows` (pulled as the engine has room), scored, in the rows' order: each batch
+    holds the groups that complete the finished prefix after a decode chunk. The groups of a chunk are scored
+    while the engine decodes the next, and held until the groups before them have finished, so a consumer
+    sees the groups in the order sampling whole generation batches would (no bias towards short responses).
+    Closing the generator stops decoding (`self.engine.stats` counts the groups dropped, held ones included)."""
     timings = {} if timings is None else timings
-    requests = (Request(r["prompt_ids"], self.num_samples, first_group + i, tag=r) for i, r in enumerate(rows))
+    g = self.num_samples
+    requests = (Request(r["prompt_ids"], g, first_group + i, tag=r) for i, r in enumerate(rows))
     chunks = self.engine.stream_chunks(model, requests, rng)
+    held: dict[int, ScoredBatch] = {}
+    next_group = first_group
     try:
       while True:
         t0 = time.perf_counter()
@@ -177,9 +181,21 @@ class Rollouts:
         timings["timing_s/gen"] = timings.get("timing_s/gen", 0.0) + time.perf_counter() - t0
         if results is None:
           return
-        yield self._scored(results, timings)
+        if results:
+          scored = self._scored(results, timings)
+          for j, res in enumerate(results):
+            held[res.request.key_id] = scored.rows(slice(j * g, (j + 1) * g))
+        ready = []
+        while next_group in held:
+          ready.append(held.pop(next_group))
+          next_group += 1
+        if ready:
+          yield ScoredBatch.concat(ready)
     finally:
       chunks.close()  # the engine's stats are final once the stream is
+      if held:
+        stats = self.engine.stats
+        self.engine.stats = stats._replace(dropped_groups=stats.dropped_groups + len(held))
 
   def _scored(self, results: list[GroupResult], timings: dict) -> ScoredBatch:
     t1 = time.perf_counter()

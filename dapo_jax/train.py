@@ -33,7 +33,7 @@ from dapo_jax import metrics as metrics_lib
 from dapo_jax import sharding
 from dapo_jax import tasks
 from dapo_jax.advantages import group_advantages
-from dapo_jax.dynamic_sampling import GroupAccumulator, pad_rows
+from dapo_jax.dynamic_sampling import GroupAccumulator, keep_groups, pad_rows
 from dapo_jax.evaluation import evaluate_task
 from dapo_jax.metrics import MetricWriter, Progress, plot_run, read_metrics, read_samples
 from dapo_jax.rollout import Rollouts, ScoredBatch
@@ -366,35 +366,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _stream_groups(rollouts: Rollouts, policy, iterator, accumulator: GroupAccumulator, strategy, prompts: int,
                    rng, step: int, timings: dict, config, checkpointer) -> tuple[list[ScoredBatch], int, int]:
   """Streaming dynamic sampling: the engine pulls prompts (generation batches of `prompts`, at most
-  `max_num_gen_batches` of them) as its slots free up; each decode chunk's finished groups are scored and
-  filtered while the next chunk decodes, and decoding stops once the batch is full (the groups in flight
-  are dropped). Returns (scored parts, tokens decoded, groups dropped)."""
-  pulled = []
+  `max_num_gen_batches` of them) as its slots free up; finished groups are scored while decoding goes on and
+  reach the filter in prompt order; decoding stops once the batch is full, and the groups in flight are
+  dropped. The data iterator is then put back to the end of the generation batch holding the group that
+  filled the batch: later prompts were only looked ahead at and come again next step. So the trained batch,
+  and the data a step consumes, are those of whole generation batches (`rollout.streaming=False`). Returns
+  (scored parts, tokens decoded, groups dropped)."""
+  states = []  # the iterator before each generation batch of prompts
 
   def prompt_rows():
     limit = strategy.max_num_gen_batches
-    while not limit or len(pulled) < limit:
+    while not limit or len(states) < limit:
+      states.append(iterator.state())
       # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
-      rows = distributed.gather_list(iterator.next_batch(prompts))
-      pulled.append(len(rows))
-      yield from rows
+      yield from distributed.gather_list(iterator.next_batch(prompts))
 
-  sampled = []
+  sampled, considered = [], 0  # groups the filter has seen, up to the one that filled the batch
   stream = rollouts.stream(policy, prompt_rows(), rng, first_group=step * 2**24, timings=timings)
   try:
     for part in stream:
-      if not part.num_rows:
-        continue
       sampled.append(part)
       _check_finite_rollout(part, step + 1, config, checkpointer)  # before the filter reads it
+      kept_before = accumulator.kept_groups
       accumulator.add(part, streaming=True)
       if accumulator.ready:
+        keep_G = keep_groups(strategy.metric_B(part), rollouts.num_samples) if strategy.enable else \
+            np.ones(part.num_rows // rollouts.num_samples, bool)
+        considered += int(np.argmax(kept_before + np.cumsum(keep_G) >= strategy.train_batch_size)) + 1
         break
+      considered += part.num_rows // rollouts.num_samples
   finally:
     stream.close()
+  used = -(-considered // prompts) if accumulator.ready else len(states)
+  if used < len(states):
+    iterator.restore(states[used])
   if not accumulator.ready:
-    accumulator.end_of_stream(len(pulled))
-  accumulator.num_gen_batches = len(pulled)
+    accumulator.end_of_stream(used)
+  accumulator.num_gen_batches = used
   stats = rollouts.engine.stats
   return sampled, stats.decoded_tokens, stats.dropped_groups
 

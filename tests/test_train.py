@@ -417,18 +417,17 @@ def test_without_dynamic_sampling_a_generation_batch_is_the_training_batch(tmp_p
   assert row["train/rollouts_per_trained_sample"] == 1.0 and row["train/surplus_groups"] == 0
 
 
-# One DAPO step of tiny_config (parity reward, streaming dynamic sampling over 2 generation batches of prompts,
-# lr 1e-3 from the first step) on 8 fake CPU devices, as recorded. A change that moves any of them changes what
+# One DAPO step of tiny_config (parity reward, streaming dynamic sampling, lr 1e-3 from the first step) on 8 fake CPU devices, as recorded. A change that moves any of them changes what
 # a step computes: if that is intended, run this test, check the new values are explained by the change, and
 # paste them here (the assertion message prints them all). Last recorded when the rollout engine came (each
 # group's randomness its own, groups streamed into the filter).
 GOLDEN_STEP = {
-    "actor/pg_loss": 0.10872673988342285, "actor/pg_clipfrac": 0.07784431427717209,
-    "actor/pg_clipfrac_high": 0.008982036262750626, "actor/pg_clipfrac_low": 0.06886227428913116,
-    "actor/ppo_kl": 0.09969592839479446, "actor/grad_norm": 1.0108098983764648, "actor/entropy": 1.4159759283065796,
-    "train/num_gen_batches": 2.0, "train/num_trained_groups": 4.0, "train/kept_group_fraction": 0.8,
-    "critic/score/mean": -0.0625, "response_length/mean": 21.625,
-    "train/dropped_groups": 11.0, "train/decoded_tokens_per_trained_token": 2.647398843930636,
+    "actor/pg_loss": 0.1330440640449524, "actor/pg_clipfrac": 0.07012195140123367,
+    "actor/pg_clipfrac_high": 0.03963414579629898, "actor/pg_clipfrac_low": 0.030487805604934692,
+    "actor/ppo_kl": 0.13481825590133667, "actor/grad_norm": 0.9108731150627136, "actor/entropy": 1.4613046646118164,
+    "train/num_gen_batches": 1.0, "train/num_trained_groups": 4.0, "train/kept_group_fraction": 0.875,
+    "critic/score/mean": 0.1875, "response_length/mean": 20.375,
+    "train/dropped_groups": 0.0, "train/decoded_tokens_per_trained_token": 3.901840490797546,
 }
 
 
@@ -443,3 +442,28 @@ def test_one_dapo_step_gives_the_recorded_metrics(tmp_path, data_dir):
                              "response_length/mean", "train/dropped_groups", "train/decoded_tokens_per_trained_token")}
   assert got.keys() == GOLDEN_STEP.keys() and all(
       np.isclose(got[k], GOLDEN_STEP[k], rtol=1e-4, atol=1e-7) for k in got), f"got {got}"
+
+
+def test_streaming_trains_on_the_groups_generation_batches_keep(tmp_path, data_dir):
+  # Streaming hands the filter the groups in prompt order (a group that finishes early waits for the ones
+  # before it), and each group's samples are its own: the batch is the one whole generation batches give,
+  # and so is the run, bit for bit.
+  rows = {}
+  for streaming in (False, True):
+    # 16 slots: 4 of a generation batch's 8 groups decode at once, the others wait for slots.
+    config = tiny_config(data_dir, total_steps=2, **{"eval.every": 0, "eval.before_train": False,
+                                                      "rollout.streaming": streaming, "rollout.engine.slots": 16,
+                                                      "checkpoint.asynchronous": False})
+    train_and_evaluate(config, str(tmp_path / str(streaming)))
+    rows[streaming] = [json.loads(line) for line in (tmp_path / str(streaming) / "metrics.jsonl").read_text()
+                       .splitlines()]
+  for a, b in zip(_final_params(tmp_path / "False", 2), _final_params(tmp_path / "True", 2)):
+    np.testing.assert_array_equal(a, b)
+  for whole, streamed in zip(rows[False], rows[True]):
+    for key in ("actor/pg_loss", "actor/grad_norm", "critic/score/mean", "response_length/mean",
+                "train/num_trained_groups", "train/num_gen_batches"):
+      assert whole[key] == streamed[key], key
+    # What each spent differs: streaming decodes ahead into the next generation batch while the current one's
+    # last groups finish, and drops what is in flight when the batch fills.
+    assert whole["train/dropped_groups"] == 0 and streamed["train/dropped_groups"] >= 0
+    assert min(whole["train/decoded_tokens_per_trained_token"], streamed["train/decoded_tokens_per_trained_token"]) >= 1
