@@ -486,7 +486,8 @@ class Engine:
 
   def stream(self, model, requests: Iterable[Request], rng) -> Iterator[GroupResult]:
     """Decodes `requests` (pulled as slots free up) and yields each group once its last row stops, in the
-    order they finish. Closing the generator early drops the groups in flight (`stats.dropped_groups`)."""
+    order they finish. Closing the generator early drops the groups in flight (`stats.dropped_groups`). A
+    source may yield None for "nothing yet": it is asked again after the next decode chunk."""
     delivered = 0
     chunks = self.stream_chunks(model, requests, rng)
     try:
@@ -681,12 +682,16 @@ class _Run:
     return False
 
   def _pull(self) -> Request | None:
+    """The source's next request; None when it has ended, or has none yet (it yielded None: asked again
+    after the next chunk)."""
     if self.exhausted:
       return None
     try:
       r = next(self.requests)
     except StopIteration:
       self.exhausted = True
+      return None
+    if r is None:
       return None
     if not len(r.prompt_ids):
       raise ValueError(f"engine: request {r.key_id} has an empty prompt (a prompt needs at least one token)")
@@ -837,12 +842,15 @@ class _Run:
           yield ready
         if self.exhausted and self.peeked is None and not any(self.waiting):
           return
-        raise RuntimeError("engine: rows wait but none could be admitted")
+        raise RuntimeError("engine: nothing is decoding and the request source has nothing yet (it yields None "
+                           "only while rows decode) or rows wait but none could be admitted")
       queued = (not self.exhausted or self.peeked is not None
                 or any(self._waiting_rows(sh) for sh in range(self.shards)))
-      free_target = max(1, int(c.refill_fraction * self.slots)) if queued else self.slots + 1
+      # While requests may come, a chunk ends once refill_fraction of a shard's slots more have freed up.
+      free_S = np.repeat((~h["live"]).reshape(self.shards, self.slots).sum(axis=1), self.slots)
+      target = max(1, int(c.refill_fraction * self.slots))
+      h["free_target"] = free_S + target if queued else np.full(c.slots, self.slots + 1)
       h["clock"] = np.repeat(self.clock % self.ring, self.slots)
-      h["free_target"] = np.full(c.slots, free_target)
       before_live, before_gen = h["live"].copy(), h["generated"].copy()
       args, kwargs = self._decode_args()
       (cache, self.logits, gen, live, *self.tokens, steps) = _decode_jit(*args, **kwargs)

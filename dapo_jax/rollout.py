@@ -163,15 +163,24 @@ class Rollouts:
 
   def stream(self, model, rows: Iterable[dict], rng, *, first_group: int = 0,
              timings: dict | None = None) -> Iterator[ScoredBatch]:
-    """Streaming: the groups of `rows` (pulled as the engine has room), scored, in the rows' order: each batch
+    """Streaming: the groups of `rows` (pulled as the engine has room; a None row is "nothing yet", see
+    `Engine.stream`), scored, in the rows' order: each batch
     holds the groups that complete the finished prefix after a decode chunk. The groups of a chunk are scored
     while the engine decodes the next, and held until the groups before them have finished, so a consumer
     sees the groups in the order sampling whole generation batches would (no bias towards short responses).
     Closing the generator stops decoding (`self.engine.stats` counts the groups dropped, held ones included)."""
     timings = {} if timings is None else timings
     g = self.num_samples
-    requests = (Request(r["prompt_ids"], g, first_group + i, tag=r) for i, r in enumerate(rows))
-    chunks = self.engine.stream_chunks(model, requests, rng)
+    def requests():
+      i = first_group
+      for r in rows:
+        if r is None:  # nothing yet (see `Engine.stream`)
+          yield None
+          continue
+        yield Request(r["prompt_ids"], g, i, tag=r)
+        i += 1
+
+    chunks = self.engine.stream_chunks(model, requests(), rng)
     held: dict[int, ScoredBatch] = {}
     next_group = first_group
     try:

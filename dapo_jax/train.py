@@ -366,22 +366,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _stream_groups(rollouts: Rollouts, policy, iterator, accumulator: GroupAccumulator, strategy, prompts: int,
                    rng, step: int, timings: dict, config, checkpointer) -> tuple[list[ScoredBatch], int, int]:
   """Streaming dynamic sampling: the engine pulls prompts (generation batches of `prompts`, at most
-  `max_num_gen_batches` of them) as its slots free up; finished groups are scored while decoding goes on and
-  reach the filter in prompt order; decoding stops once the batch is full, and the groups in flight are
-  dropped. The data iterator is then put back to the end of the generation batch holding the group that
+  `max_num_gen_batches` of them; the next one as soon as the groups kept and in flight cannot fill the batch)
+  as its slots free up; finished groups are scored while decoding goes on and reach the filter in prompt
+  order; decoding stops once the batch is full, and the groups in flight are dropped. The data iterator is then put back to the end of the generation batch holding the group that
   filled the batch: later prompts were only looked ahead at and come again next step. So the trained batch,
   and the data a step consumes, are those of whole generation batches (`rollout.streaming=False`). Returns
   (scored parts, tokens decoded, groups dropped)."""
   states = []  # the iterator before each generation batch of prompts
+  sampled, considered = [], 0  # groups the filter has seen, up to the one that filled the batch
 
   def prompt_rows():
     limit = strategy.max_num_gen_batches
     while not limit or len(states) < limit:
+      # The next generation batch only once the groups kept and those still decoding cannot fill the batch:
+      # whole generation batches would need it too, so streaming decodes no group they would not.
+      while accumulator.kept_groups + len(states) * prompts - considered >= strategy.train_batch_size:
+        yield None
       states.append(iterator.state())
       # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
       yield from distributed.gather_list(iterator.next_batch(prompts))
 
-  sampled, considered = [], 0  # groups the filter has seen, up to the one that filled the batch
   stream = rollouts.stream(policy, prompt_rows(), rng, first_group=step * 2**24, timings=timings)
   try:
     for part in stream:

@@ -427,7 +427,7 @@ GOLDEN_STEP = {
     "actor/ppo_kl": 0.13481825590133667, "actor/grad_norm": 0.9108731150627136, "actor/entropy": 1.4613046646118164,
     "train/num_gen_batches": 1.0, "train/num_trained_groups": 4.0, "train/kept_group_fraction": 0.875,
     "critic/score/mean": 0.1875, "response_length/mean": 20.375,
-    "train/dropped_groups": 0.0, "train/decoded_tokens_per_trained_token": 3.901840490797546,
+    "train/dropped_groups": 0.0, "train/decoded_tokens_per_trained_token": 1.9662576687116564,
 }
 
 
