@@ -838,8 +838,10 @@ class _Run:
       self._prefill_more()
       self._admit()
       if not h["live"].any():
-        if ready:
+        if ready:  # what the consumer does with them may let the source give more: ask again
           yield ready
+          ready = []
+          continue
         if self.exhausted and self.peeked is None and not any(self.waiting):
           return
         raise RuntimeError("engine: nothing is decoding and the request source has nothing yet (it yields None "
