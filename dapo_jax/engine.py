@@ -1,12 +1,11 @@
 """The rollout engine: continuous batching over a paged KV cache.
 
-A fixed number of decode slots (`EngineConfig.slots`, the memory budget) decode one response each. Keys and
-values live in per-layer pools of fixed-size pages; each slot has a page table. A prompt is prefilled once
-into its own pages, which its G rows all read (one copy per prompt); each row writes its generated tokens to
-pages of its own, reserved for its token budget when it is admitted and freed when it stops. Decoding runs in
-jitted chunks of up to `steps_per_chunk` steps (one `lax.while_loop`, no Python per token); between chunks
-the host frees the slots whose rows stopped and admits waiting rows into them, prefilling new prompts in
-batches of `prefill_batch` (long prompts in pieces of `prefill_chunk` tokens).
+A fixed number of decode slots (`EngineConfig.slots`, the memory budget) decode one response each. A prompt
+is prefilled once (in batches of `prefill_batch`, long prompts in pieces of `prefill_chunk` tokens) into
+fixed-size pages with a page table per prompt; its G rows all read those pages (one copy per prompt). Each
+slot's generated keys and values live in its row of a ring of segments (see `engine_attend`). Decoding runs
+in jitted chunks of up to `steps_per_chunk` steps (one `lax.while_loop`, no Python per token); between chunks
+the host frees the slots whose rows stopped and admits waiting rows into them.
 
     engine = Engine(params, EngineConfig(slots=64))
     out = engine.generate(model, prompts, rng, num_samples=8)      # a sampling.Rollout, prompt-major
@@ -16,10 +15,6 @@ batches of `prefill_batch` (long prompts in pieces of `prefill_chunk` tokens).
 Randomness belongs to the request: token t of sample j of the request with key id k is drawn with
 `uniform(fold_in(fold_in(fold_in(rng, k), j), t))`, so what a request samples does not depend on its slot,
 the step it was admitted in, or the slot count. Log-probabilities are as `sampling.sample_token` defines them.
-
-Attention reads a slot's pages in blocks of `pages_per_block` pages with an online softmax, up to the longest
-live row's last block; a slot's table entries past its own pages point at page 0, which holds zeros and is
-never written, so reading them costs little and (masked) changes nothing, bit for bit.
 """
 
 from __future__ import annotations
@@ -609,7 +604,6 @@ class _Run:
     self.free_rows = [list(range(self.prompt_rows)) for _ in range(self.shards)]
     self.prompt_host = dict(table=np.zeros((r_all, 0), np.int32), length=np.zeros(r_all, np.int32),
                             members=np.full((r_all, group), self.slots, np.int32))
-    self.row_prompt: list[list[_Prompt | None]] = [[None] * self.prompt_rows for _ in range(self.shards)]
     self.pages = None
     self.prompt_cap = 0
     self._grow_pages(prompt_width)
@@ -760,7 +754,6 @@ class _Run:
         budget = self.e.params.max_new_tokens if r.max_new_tokens is None else int(r.max_new_tokens)
         prompt_state = _Prompt(r, self.next_index, sh, row, own, budget)
         self.next_index += 1
-        self.row_prompt[sh][row] = prompt_state
         self.in_flight[prompt_state.index] = prompt_state
         self.waiting[sh].append(prompt_state)
     self.pages, self.prompt_logits = _prefill_jit(
@@ -893,7 +886,6 @@ class _Run:
       if p.finished == p.request.num_samples:
         self.free_pages[sh].extend(p.pages)
         self.free_rows[sh].append(p.row)
-        self.row_prompt[sh][p.row] = None
         del self.in_flight[p.index]
         self.counts["finished_groups"] += 1
         done.append(p)
