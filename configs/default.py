@@ -51,6 +51,7 @@ def get_config(arg=None):
   c.model.dtype = "float32"
   c.model.remat = False  # recompute layers in the backward pass (long sequences)
   c.model.attention_chunk = 0  # attend in query blocks of this many tokens (0: all at once)
+  c.model.attention_impl = "auto"  # cuDNN on GPU (16-bit), Pallas flash on TPU, XLA elsewhere
 
   # cache: reuse the warm start of an earlier run with the same task, model, SFT settings and seed.
   c.sft = ml_collections.ConfigDict({"steps": 400, "batch_size": 64, "lr": 3e-3, "warmup_steps": 30,

@@ -123,20 +123,22 @@ def model_config(config, vocab_size: int | None = None) -> M.ModelConfig:
   if m.hf_path:
     hf, file = M.hf_io.read_hf_config(m.hf_path)
     return M.ModelConfig.from_hf(hf, source=str(file), param_dtype=m.param_dtype, dtype=m.dtype,
-                                 remat=m.remat, attention_chunk=m.attention_chunk)
+                                 remat=m.remat, attention_chunk=m.attention_chunk,
+                                 attention_impl=m.attention_impl)
   extra = {"vocab_size": vocab_size} if vocab_size else {}
   return M.preset(m.preset, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
-                  attention_chunk=m.attention_chunk, **{**dict(m.overrides), **extra})
+                  attention_chunk=m.attention_chunk, attention_impl=m.attention_impl, **{**dict(m.overrides), **extra})
 
 
 def build_policy(config, task: Task, mesh) -> M.Transformer:
   m = config.model
   if m.hf_path:
     model, _ = M.load_hf(m.hf_path, dtype=m.param_dtype, compute_dtype=m.dtype, mesh=mesh, remat=m.remat,
-                         attention_chunk=m.attention_chunk)
+                         attention_chunk=m.attention_chunk, attention_impl=m.attention_impl)
     return model
   cfg = M.preset(m.preset, param_dtype=m.param_dtype, dtype=m.dtype, vocab_size=task.tokenizer.vocab_size,
                  eos_token_id=task.tokenizer.eos_id, remat=m.remat, attention_chunk=m.attention_chunk,
+                 attention_impl=m.attention_impl,
                  **dict(m.overrides))
   return M.init_sharded(cfg, mesh, seed=config.seed)
 

@@ -13,6 +13,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_tpu")
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,9 @@ class ModelConfig:
   # scores never exist for the whole sequence. Neither changes the numbers.
   remat: bool = False
   attention_chunk: int = 0
+  # The kernel of attention without a cache (`transformer.attention_impl`): "auto", "xla", "cudnn" or
+  # "pallas_tpu".
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.architecture not in ARCHITECTURES:
@@ -83,6 +87,8 @@ class ModelConfig:
       raise ConfigError(f"rope_scaling is only implemented for llama, not {self.architecture}")
     if self.attention_chunk < 0:
       raise ConfigError(f"attention_chunk must be >= 0, got {self.attention_chunk}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 

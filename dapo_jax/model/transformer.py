@@ -141,31 +141,24 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, index=None):
-    """With `kv` = (k_BxKxSxH, v_BxKxSxH), the new keys/values are written at slot `index` and the
-    queries attend over the whole cache; returns (out_BxTxD, (k, v))."""
+  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, index=None, segment_BxT=None):
+    """Without a cache: attention within each row's segments (`segment_BxT`, see `Transformer.__call__`),
+    causal. With `kv` = (k_BxKxHxS, v_BxKxSxH), the new keys/values are written at slot `index` and the
+    queries attend over the whole cache under `mask_BxTxS`; returns (out_BxTxD, (k, v))."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     x = x_BxTxD.astype(dt)
     q, k, v = self._qkv(x, cos, sin)
-    # Keys are kept transposed, [B, KV, hd, S]: q @ k then needs no transpose of the whole cache per step,
-    # which on CPU made decode attention ~4x slower. Values stay [B, KV, S, hd].
-    kt_BxKxHxT = k.transpose(0, 2, 3, 1)
-    v_BxKxTxH = v.transpose(0, 2, 1, 3)
-    if kv is not None:
-      kt_cache, v_cache = kv
-      kt_BxKxHxT = jax.lax.dynamic_update_slice(kt_cache, kt_BxKxHxT.astype(kt_cache.dtype), (0, 0, 0, index))
-      v_BxKxTxH = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxH.astype(v_cache.dtype), (0, 0, index, 0))
-    b, t = x.shape[:2]
-    chunk = cfg.attention_chunk
-    if kv is None and chunk and t > chunk and t % chunk == 0:
-      # Query blocks, each rematerialised in the backward pass: scores exist for one block at a time.
-      n = t // chunk
-      q_blocks = q.reshape(b, n, chunk, *q.shape[2:]).swapaxes(0, 1)
-      m_blocks = mask_BxTxS.reshape(b, n, chunk, -1).swapaxes(0, 1)
-      attend = jax.checkpoint(lambda args: _attend(cfg, args[0], kt_BxKxHxT, v_BxKxTxH, args[1], dt))
-      out = jax.lax.map(attend, (q_blocks, m_blocks)).swapaxes(0, 1).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    if kv is None:
+      out = attend_segments(cfg, q, k, v, segment_BxT)
     else:
+      # Keys are kept transposed, [B, KV, hd, S]: q @ k then needs no transpose of the whole cache per step,
+      # which on CPU made decode attention ~4x slower. Values stay [B, KV, S, hd].
+      kt_cache, v_cache = kv
+      kt_BxKxHxT = jax.lax.dynamic_update_slice(kt_cache, k.transpose(0, 2, 3, 1).astype(kt_cache.dtype),
+                                                (0, 0, 0, index))
+      v_BxKxTxH = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                               (0, 0, index, 0))
       out = _attend(cfg, q, kt_BxKxHxT, v_BxKxTxH, mask_BxTxS, dt)
     out_BxTxD = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt))
     return out_BxTxD, (None if kv is None else (kt_BxKxHxT, v_BxKxTxH))
@@ -184,6 +177,66 @@ class Attention(nnx.Module):
     nh = cfg.num_heads * hd
     out_BxD = jnp.dot(out.reshape(b, nh).astype(dt), self.o_kernel[...].astype(dt).reshape(nh, cfg.hidden_size))
     return out_BxD[:, None], cache
+
+
+def attention_impl(cfg: ModelConfig) -> str:
+  """The kernel `attend_segments` runs: `cfg.attention_impl`, where "auto" is cuDNN's fused attention on
+  GPUs in 16-bit compute, the Pallas flash kernel (with segment ids) on TPUs, and XLA's einsums elsewhere."""
+  if cfg.attention_impl != "auto":
+    return cfg.attention_impl
+  backend = jax.default_backend()
+  if backend == "gpu" and jnp.dtype(cfg.dtype).itemsize == 2:
+    return "cudnn"
+  if backend == "tpu":
+    return "pallas_tpu"
+  return "xla"
+
+
+def attend_segments(cfg: ModelConfig, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):
+  """Causal attention in which a query sees only the keys of its own segment: packed rows never see each
+  other, and padding (segment 0) sees only padding. With `cfg.attention_chunk` the queries go in blocks, each
+  recomputed in the backward pass, so scores never exist for the whole sequence."""
+  b, t = q_BxTxNxH.shape[:2]
+  impl = attention_impl(cfg)
+  if impl == "pallas_tpu":
+    return _flash_tpu(cfg, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
+  kernel = None if impl == "xla" else impl
+  chunk = cfg.attention_chunk
+  if not (chunk and t > chunk and t % chunk == 0):
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=_segment_mask(segment_BxT, 0, t),
+                                        implementation=kernel)
+  n = t // chunk
+
+  def block(args):
+    q_blk, start = args
+    mask = _segment_mask(segment_BxT, start, chunk)
+    return jax.nn.dot_product_attention(q_blk, k_BxTxKxH, v_BxTxKxH, mask=mask, implementation=kernel)
+
+  q_blocks = q_BxTxNxH.reshape(b, n, chunk, *q_BxTxNxH.shape[2:]).swapaxes(0, 1)
+  out = jax.lax.map(jax.checkpoint(block), (q_blocks, jnp.arange(n) * chunk))
+  return out.swapaxes(0, 1).reshape(q_BxTxNxH.shape)
+
+
+def _segment_mask(segment_BxT, start, length: int):
+  """[B, 1, length, T]: queries start .. start+length-1 against every key, same segment and not later."""
+  t = segment_BxT.shape[1]
+  seg_q = jax.lax.dynamic_slice_in_dim(segment_BxT, start, length, axis=1)
+  causal = (start + jnp.arange(length))[:, None] >= jnp.arange(t)[None, :]
+  return ((seg_q[:, :, None] == segment_BxT[:, None, :]) & causal[None])[:, None]
+
+
+def _flash_tpu(cfg: ModelConfig, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):
+  # The Pallas TPU flash kernel takes segment ids directly and skips the blocks they mask; it wants as many
+  # key heads as query heads.
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa
+  g = cfg.num_heads // cfg.num_kv_heads
+  q = q_BxTxNxH.transpose(0, 2, 1, 3)
+  k = jnp.repeat(k_BxTxKxH, g, axis=2).transpose(0, 2, 1, 3)
+  v = jnp.repeat(v_BxTxKxH, g, axis=2).transpose(0, 2, 1, 3)
+  seg = segment_BxT.astype(jnp.int32)
+  out = fa.flash_attention(q, k, v, segment_ids=fa.SegmentIds(seg, seg), causal=True,
+                           sm_scale=1.0 / math.sqrt(cfg.head_dim))
+  return out.transpose(0, 2, 1, 3)
 
 
 def _attend(cfg: ModelConfig, q_BxTxNxH, kt_BxKxHxS, v_BxKxSxH, mask_BxTxS, dt):
@@ -231,8 +284,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS, kv=None, index=None):
-    h, kv = self.attn(self.attn_norm(x_BxTxD), cos, sin, mask_BxTxS, kv, index)
+  def __call__(self, x_BxTxD, cos, sin, mask_BxTxS=None, kv=None, index=None, segment_BxT=None):
+    h, kv = self.attn(self.attn_norm(x_BxTxD), cos, sin, mask_BxTxS, kv, index, segment_BxT)
     x_BxTxD = x_BxTxD + h.astype(x_BxTxD.dtype)
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)).astype(x_BxTxD.dtype)
     return constrain(x_BxTxD, ("batch", "length", "act_embed")), kv
@@ -260,16 +313,19 @@ class Transformer(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, _INIT, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
 
-  def __call__(self, tokens_BxT, positions_BxT=None, attn_mask_BxT=None):
+  def __call__(self, tokens_BxT, positions_BxT=None, attn_mask_BxT=None, segment_BxT=None):
+    """Padded rows (`attn_mask_BxT` marks the real tokens) or packed ones: `segment_BxT` numbers the rows
+    packed into each buffer row (1, 2, ...; 0 is padding), tokens attend within their own segment only, and
+    `positions_BxT` (required then) restart at 0 with each segment."""
     b, t = tokens_BxT.shape
-    if attn_mask_BxT is None:
-      attn_mask_BxT = jnp.ones((b, t), bool)
-    attn_mask_BxT = attn_mask_BxT.astype(bool)
-    if positions_BxT is None:
-      positions_BxT = default_positions(attn_mask_BxT)
-    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
-    mask_BxTxS = causal_TxT[None] & attn_mask_BxT[:, None, :]
-    x, _ = self._body(tokens_BxT, positions_BxT, mask_BxTxS, None)
+    if segment_BxT is None:
+      attn_mask_BxT = jnp.ones((b, t), bool) if attn_mask_BxT is None else attn_mask_BxT.astype(bool)
+      if positions_BxT is None:
+        positions_BxT = default_positions(attn_mask_BxT)
+      segment_BxT = attn_mask_BxT.astype(jnp.int32)  # padding is segment 0: no real token sees it
+    elif positions_BxT is None:
+      raise ValueError("Transformer: packed rows (segment_BxT) need their positions_BxT")
+    x, _ = self._body(tokens_BxT, positions_BxT, None, None, segment_BxT)
     return self.logits(x)
 
   def forward_with_cache(self, tokens_BxT, positions_BxT, cache: KVCache, attn_mask_BxT=None):
@@ -289,7 +345,7 @@ class Transformer(nnx.Module):
     q_slot_T = cache.index + jnp.arange(t)
     causal_TxS = jnp.arange(s)[None, :] <= q_slot_T[:, None]
     mask_BxTxS = causal_TxS[None] & valid_BxS[:, None, :]
-    x, kvs = self._body(tokens_BxT, positions_BxT, mask_BxTxS, (cache.k, cache.v, cache.index))
+    x, kvs = self._body(tokens_BxT, positions_BxT, mask_BxTxS, (cache.k, cache.v, cache.index), None)
     k, v = zip(*kvs)
     return x, KVCache(tuple(k), tuple(v), valid_BxS, cache.index + t)
 
@@ -320,7 +376,7 @@ class Transformer(nnx.Module):
   def _embed(self, tokens_BxT, positions_BxT):
     return (self._embed_tokens(tokens_BxT), *rope_cos_sin(self.cfg, positions_BxT))
 
-  def _body(self, tokens_BxT, positions_BxT, mask_BxTxS, kv):
+  def _body(self, tokens_BxT, positions_BxT, mask_BxTxS, kv, segment_BxT):
     cfg = self.cfg
     x, cos, sin = self._embed(tokens_BxT, positions_BxT)
     new_kv = []
@@ -331,10 +387,11 @@ class Transformer(nnx.Module):
         # outside an enclosing lax.map / scan, as the trainer's micro-batch loops do.
         layer_def, layer_state = nnx.split(layer)
         x, out_kv = jax.checkpoint(
-            lambda st, h, layer_def=layer_def: nnx.merge(layer_def, st)(h, cos, sin, mask_BxTxS))(layer_state, x)
+            lambda st, h, layer_def=layer_def: nnx.merge(layer_def, st)(h, cos, sin, segment_BxT=segment_BxT)
+        )(layer_state, x)
       else:
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        x, out_kv = layer(x, cos, sin, mask_BxTxS, layer_kv, None if kv is None else kv[2])
+        x, out_kv = layer(x, cos, sin, mask_BxTxS, layer_kv, None if kv is None else kv[2], segment_BxT)
       new_kv.append(out_kv)
     return self.final_norm(x), new_kv
 
