@@ -20,6 +20,7 @@ def get_config(arg=None):
   c.overlong.buffer = 1024
   c.rollout.gen_batch_size, c.rollout.train_batch_size = 192, 64
   c.actor.mini_batch_size, c.actor.micro_batch_size = 16, 8
+  c.actor.max_tokens_per_micro_batch = 16384  # packed: about three 5,120-token rows per device
   c.dynamic_sampling.on_exhausted = "train_on_kept"
   c.reward.workers = 8
   return c

@@ -48,6 +48,7 @@ def get_config(arg=None):
   c.actor.clip_low, c.actor.clip_high, c.actor.clip_c = 0.2, 0.28, 10.0
   c.actor.loss_agg = "token-mean"
   c.actor.mini_batch_size, c.actor.micro_batch_size = 32, 8
+  c.actor.max_tokens_per_micro_batch = 22528  # packed, per fsdp group: the reference's ppo_max_token_len_per_gpu
   c.actor.kl_coef, c.actor.entropy_coef = 0.0, 0.0
   c.eval.every, c.eval.num_problems, c.eval.k, c.eval.temperature, c.eval.top_p = 5, 30, 32, 1.0, 0.7
   c.checkpoint.every, c.checkpoint.keep = 5, 3

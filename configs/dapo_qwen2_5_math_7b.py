@@ -35,5 +35,6 @@ def get_config(arg=None):
   c.eval.every, c.eval.before_train = 2, True
   c.checkpoint.every = 2
   c.rollout.engine.slots = 512  # rows decoding at once (32 prompts x 16)
+  c.actor.max_tokens_per_micro_batch = 16384  # packed, per fsdp group: four 4,096-token rows
   c.reward.workers = 8
   return c

@@ -92,7 +92,12 @@ def get_config(arg=None):
   c.actor.clip_c = 10.0
   c.actor.loss_agg = "token-mean"
   c.actor.mini_batch_size = 16  # prompt groups per optimizer update
-  c.actor.micro_batch_size = 64  # rows per forward/backward (memory)
+  # The update packs rows into micro-batches of at most this many tokens per device group (the reference's
+  # ppo_max_token_len_per_gpu); packed=False pads every row to the prompt and response widths instead, and
+  # micro-batches hold micro_batch_size rows.
+  c.actor.packed = True
+  c.actor.max_tokens_per_micro_batch = 4096
+  c.actor.micro_batch_size = 64  # rows per forward/backward when not packed
   c.actor.reuse_sampler_logprobs = False
   c.actor.kl_coef = 0.0
   c.actor.entropy_coef = 0.0

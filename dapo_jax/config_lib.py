@@ -40,7 +40,8 @@ _UPDATE_FIELDS = {"lr": "actor.lr", "warmup_steps": "actor.warmup_steps", "weigh
                   "grad_clip": "actor.grad_clip", "clip_low": "actor.clip_low", "clip_high": "actor.clip_high",
                   "clip_c": "actor.clip_c", "loss_agg": "actor.loss_agg", "kl_coef": "actor.kl_coef",
                   "temperature": "rollout.temperature", "num_mini_batches": "actor.mini_batch_size",
-                  "num_micro_batches": "actor.micro_batch_size"}
+                  "num_micro_batches": "actor.micro_batch_size",
+                  "max_tokens_per_micro_batch": "actor.max_tokens_per_micro_batch"}
 
 
 def dynamic_sampling(config) -> DynamicSampling:
@@ -90,7 +91,13 @@ def update_config(config) -> UpdateConfig:
       norm_len=r.max_response_length, temperature=r.temperature,
       num_mini_batches=r.train_batch_size // u.mini_batch_size,
       num_micro_batches=u.mini_batch_size * r.group_size // u.micro_batch_size,
-      kl_coef=u.kl_coef, entropy_coef=u.entropy_coef), _UPDATE_FIELDS)
+      kl_coef=u.kl_coef, entropy_coef=u.entropy_coef,
+      max_tokens_per_micro_batch=u.max_tokens_per_micro_batch if packed(config) else 0), _UPDATE_FIELDS)
+
+
+def packed(config) -> bool:
+  """The update packs rows into token-budget micro-batches (`actor.packed`; configs from before it pad)."""
+  return bool(config.actor.get("packed", False))
 
 
 def reward_executor(config) -> rewards.RewardExecutor:
@@ -138,7 +145,13 @@ def validate(config, mesh=None) -> None:
     _fail("actor.mini_batch_size", f"{u.mini_batch_size} does not divide rollout.train_batch_size="
           f"{r.train_batch_size} (both count prompt groups)")
   mini_rows = u.mini_batch_size * r.group_size
-  if mini_rows % u.micro_batch_size:
+  if packed(config):
+    _positive_int(config, "actor.max_tokens_per_micro_batch", note=" (tokens per micro-batch and device group)")
+    longest = config.data.max_prompt_length + r.max_response_length
+    if u.max_tokens_per_micro_batch < longest:
+      _fail("actor.max_tokens_per_micro_batch", f"{u.max_tokens_per_micro_batch} tokens cannot hold a row of "
+            f"data.max_prompt_length + rollout.max_response_length = {longest} tokens; use at least {longest}")
+  elif mini_rows % u.micro_batch_size:
     _fail("actor.micro_batch_size", f"{u.micro_batch_size} rows do not divide a mini-batch of {mini_rows} rows "
           f"(actor.mini_batch_size x rollout.group_size)")
   overlong(config)
@@ -175,7 +188,7 @@ def _validate_mesh(config, ds: DynamicSampling, mesh) -> None:
   r, u = config.rollout, config.actor
   data = mesh.shape["data"] * mesh.shape["fsdp"]
   mini_rows = u.mini_batch_size * r.group_size
-  if u.micro_batch_size % data:
+  if not packed(config) and u.micro_batch_size % data:
     fits = [m for m in range(data, mini_rows + 1, data) if mini_rows % m == 0]
     advice = (f"e.g. --config.actor.micro_batch_size={fits[0]}" if fits else
               f"no micro-batch size does: make actor.mini_batch_size x rollout.group_size a multiple of {data}")

@@ -42,8 +42,10 @@ def per_token_loss(logp_BxT, old_logp_BxT, adv_BxT, *, clip_low: float, clip_hig
   return loss, binding & (adv_BxT > 0), binding & negative, dual_clipped, ratio
 
 
-def aggregate(loss_BxT, mask_BxT, agg: str, *, num_tokens=None, num_seqs=None, norm_len=None):
-  """Aggregates a per-token loss; totals default to this batch's own (see the module docstring)."""
+def aggregate(loss_BxT, mask_BxT, agg: str, *, num_tokens=None, num_seqs=None, norm_len=None, seq_tokens=None):
+  """Aggregates a per-token loss; totals default to this batch's own (see the module docstring). Rows packed
+  several to a row (`packing.py`) give `seq_tokens`, each token's sequence's loss-token count, for the
+  per-sequence mean."""
   mask_BxT = mask_BxT.astype(loss_BxT.dtype)
   masked = loss_BxT * mask_BxT
   if num_seqs is None:
@@ -55,6 +57,8 @@ def aggregate(loss_BxT, mask_BxT, agg: str, *, num_tokens=None, num_seqs=None, n
       num_tokens = jnp.sum(mask_BxT)
     return jnp.sum(masked) / jnp.maximum(num_tokens, 1.0)
   if agg == "seq-mean-token-mean":
+    if seq_tokens is not None:
+      return jnp.sum(masked / jnp.maximum(seq_tokens, 1.0)) / num_seqs
     per_seq = jnp.sum(masked, axis=1) / jnp.maximum(jnp.sum(mask_BxT, axis=1), 1.0)
     return jnp.sum(per_seq) / num_seqs
   if agg == "seq-mean-token-sum":
@@ -85,7 +89,7 @@ def entropy_from_logits(logits_BxTxV):
 
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.28,
                 clip_c: float = 10.0, agg: str = "token-mean", logits=None, num_tokens=None, num_seqs=None,
-                norm_len=None, entropy_coef: float = 0.0):
+                norm_len=None, entropy_coef: float = 0.0, seq_tokens=None):
   """(loss, metrics). `advantages` is [B] (broadcast to tokens) or [B, T]; `mask` [B, T] marks response tokens.
 
   With `entropy_coef` (needs `logits`) the loss is `pg_loss - entropy_coef * entropy_loss`, the per-token
@@ -106,7 +110,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
   adv_BxT = advantages[:, None] * jnp.ones_like(logp) if advantages.ndim == 1 else advantages
   loss_BxT, high, low, dual, _ = per_token_loss(logp, old_logp, adv_BxT, clip_low=clip_low,
                                                 clip_high=clip_high, clip_c=clip_c)
-  loss = aggregate(loss_BxT, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len)
+  loss = aggregate(loss_BxT, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len,
+                   seq_tokens=seq_tokens)
   m = mask.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(m) if num_tokens is None else num_tokens, 1.0)
 
@@ -121,7 +126,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
     metrics["entropy"] = token_mean(entropy_BxT)
     if entropy_coef:
       entropy_loss = aggregate(entropy_BxT, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                               norm_len=norm_len)
+                               norm_len=norm_len, seq_tokens=seq_tokens)
       metrics["entropy_loss"] = entropy_loss
       loss = loss - entropy_coef * entropy_loss
   elif entropy_coef:

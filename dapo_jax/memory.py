@@ -52,7 +52,7 @@ class MemoryEstimate:
 def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, slots: int, prompt_len: int,
              response_len: int, device_gib: float, group_size: int = 1, page_size: int = 16,
              prefill_batch: int = 0, prompt_tokens: int = 0, pages_split: bool = True,
-             reference: bool = False) -> MemoryEstimate:
+             reference: bool = False, micro_batch_tokens: int = 0) -> MemoryEstimate:
   """The rollout engine (`engine._Run._start`): each slot's generated keys and values for the whole budget
   (split over the data axes with the slots), its prompt pages (`prompt_tokens`, 0: room for 2 x slots / G
   prompts and a prefill batch; per device group that decodes its own slots when `pages_split`, a mesh that
@@ -67,7 +67,9 @@ def estimate(cfg: ModelConfig, *, mesh_shape: dict, micro_batch_rows: int, slots
   optimizer = 2 * n * pbytes / shards
   gradients = n * 4 / shards
   t = prompt_len + response_len
-  rows = max(micro_batch_rows / data, 1)
+  # Packed (`micro_batch_tokens` per device group), a micro-batch holds that many tokens in rows of at most
+  # the padded width; padded, its rows are split over the data axes.
+  rows = micro_batch_tokens / t if micro_batch_tokens else max(micro_batch_rows / data, 1)
   d, f, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
   heads = cfg.num_heads / min(tensor, cfg.num_heads)
   block = cfg.attention_chunk if cfg.attention_chunk and t % cfg.attention_chunk == 0 else t
@@ -128,4 +130,5 @@ def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict,
                   response_len=r.max_response_length,
                   device_gib=config.hardware.device_memory_gib if device_gib is None else device_gib,
                   group_size=r.group_size, page_size=engine.page_size, prefill_batch=engine.prefill_batch,
-                  prompt_tokens=engine.prompt_tokens, pages_split=split, reference=config.actor.kl_coef > 0)
+                  prompt_tokens=engine.prompt_tokens, pages_split=split, reference=config.actor.kl_coef > 0,
+                  micro_batch_tokens=config_lib.update_config(config).max_tokens_per_micro_batch)

@@ -110,6 +110,13 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, me
   return P(*spec)
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways the rules split a batch's rows on this mesh (the data-parallel device groups)."""
+  axes = dict(_active_rules.get()).get("batch") or ()
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape], dtype=np.int64))
+
+
 def state_shardings(state: Any, mesh: Mesh, rules: Iterable[tuple[str, Any]] | None = None) -> Any:
   """NamedShardings for an (abstract) nnx.State, mirroring its tree: one per Variable, from its logical names."""
 

@@ -81,8 +81,8 @@ def _timed(timings: dict, name: str):
 
 
 @jax.jit
-def _rows_where(known_MxmxB, carried_MxmxBxN, old_MxmxBxN):
-  return jnp.where(known_MxmxB[..., None], carried_MxmxBxN, old_MxmxBxN)
+def _tokens_where(known, carried, old):
+  return jnp.where(known > 0, carried, old)
 
 
 @jax.jit
@@ -104,27 +104,28 @@ def update_batch(batch: ScoredBatch, adv_B, loss_mask_BxN, rows: int) -> Batch:
                         np.asarray(adv_B, np.float32)), rows)
 
 
-def behaviour_logprobs(trainer: Trainer, params, sharded: Batch, batch: ScoredBatch):
-  """`sharded` with the old log-probs of the weights that sampled each row: `params` (this step's) for the
-  rows sampled now, the kept ones for the rows carried in from an earlier step; and how far they are from
-  the sampler's (`training/rollout_probs_diff_*`)."""
+def behaviour_logprobs(trainer: Trainer, params, sharded, batch: ScoredBatch, layout, rows: int):
+  """`sharded` (in `layout`) with the old log-probs of the weights that sampled each row: `params` (this
+  step's) for the rows sampled now, the kept ones for the rows carried in from an earlier step; and how far
+  they are from the sampler's (`training/rollout_probs_diff_*`)."""
   old = trainer.logprobs(params, sharded)
   if batch.old_logp_known_B.any():
-    rows = sharded.adv_B.size
-    known_B = np.zeros(rows, bool)
-    known_B[:batch.num_rows] = batch.old_logp_known_B
-    carried_BxN = np.zeros((rows, batch.tokens_BxN.shape[1]), np.float32)
+    width = batch.tokens_BxN.shape[1]
+    known_BxN = np.zeros((rows, width), np.float32)
+    known_BxN[:batch.num_rows] = batch.old_logp_known_B[:, None]
+    carried_BxN = np.zeros((rows, width), np.float32)
     carried_BxN[:batch.num_rows] = batch.old_logp_BxN
-    old = _rows_where(trainer.shard_rows(known_B), trainer.shard_rows(carried_BxN), old)
-  diff = _probs_diff(sharded.old_logp_BxN, old, sharded.mask_BxN)
-  return sharded._replace(old_logp_BxN=jax.block_until_ready(old)), diff
+    old = _tokens_where(layout.token_field(known_BxN), layout.token_field(carried_BxN), old)
+  diff = _probs_diff(sharded.old_logp, old, sharded.loss_mask)
+  return sharded.with_old_logp(jax.block_until_ready(old)), diff
 
 
 def _carried_logprobs_fn(trainer: Trainer, params, rows: int):
-  """The log-probs of a carried part's rows under `params`, in the update's shapes (no new program)."""
+  """The log-probs of a carried part's rows under `params` ([rows, N] on the host), in the update's layout."""
   def logprobs(part: ScoredBatch) -> np.ndarray:
     b = update_batch(part, np.zeros(part.num_rows), part.mask_BxN, rows)
-    return np.asarray(distributed.to_host(trainer.logprobs(params, trainer.shard_batch(b)))).reshape(rows, -1)
+    layout = trainer.layout(b)
+    return layout.rows(trainer.logprobs(params, layout.shard(b)))
   return logprobs
 
 
@@ -311,16 +312,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with _timed(timings, "adv"):
           adv_B = group_advantages(batch.reward_B, g)
           loss_mask_BxN = batch.mask_BxN * overlong.loss_mask(batch.truncated_B)[:, None]
-          sharded = trainer.shard_batch(update_batch(batch, adv_B, loss_mask_BxN, rows))
+          host_batch = update_batch(batch, adv_B, loss_mask_BxN, rows)
+          layout = trainer.layout(host_batch)  # packed into token-budget micro-batches, or padded
+          sharded = layout.shard(host_batch)
         if not config.actor.reuse_sampler_logprobs:
           with _timed(timings, "old_log_prob"):
-            sharded, diff = behaviour_logprobs(trainer, state.params, sharded, batch)
+            sharded, diff = behaviour_logprobs(trainer, state.params, sharded, batch, layout, rows)
             ds_metrics.update(distributed.to_host(diff))
             # The groups carried into the next step get theirs now, while these weights exist.
             accumulator.compute_carried_logprobs(_carried_logprobs_fn(trainer, state.params, rows), rows)
         if ref_params is not None:
           with _timed(timings, "ref"):
-            sharded = sharded._replace(ref_logp_BxN=jax.block_until_ready(trainer.logprobs(ref_params, sharded)))
+            sharded = sharded.with_ref_logp(jax.block_until_ready(trainer.logprobs(ref_params, sharded)))
 
         # loss -> update
         with _timed(timings, "update_actor"):

@@ -1,8 +1,10 @@
 """The DAPO update: one pure jitted step `(state, batch) -> (state, metrics)` over the mesh.
 
 A rollout batch arrives split into mini-batches (one AdamW update each; the paper: 512 prompts x 16 responses
-in 16 mini-batches) and micro-batches (gradient accumulation for memory), laid out [M, m, b, ...] with the
-b axis sharded over the data axes. Inside one jit: a scan over mini-batches, and in each a scan over
+in 16 mini-batches) and micro-batches (gradient accumulation for memory). Packed (`max_tokens_per_micro_batch`,
+the default of the configs), the rows are packed into micro-batches of at most that many tokens per device group,
+[M, K, R, L] (`packing.py`); padded, each row is padded to the prompt and response widths and micro-batches
+hold `num_micro_batches` rows, [M, m, b, ...]. Either way the row axis is sharded over the data axes. Inside one jit: a scan over mini-batches, and in each a scan over
 micro-batches whose losses are normalised by the *mini-batch* totals, so the accumulated gradient is the
 mini-batch gradient however it is split, and on however many devices (`loss.py`).
 
@@ -28,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dapo_jax import loss as loss_lib
 from dapo_jax import distributed, sharding
+from dapo_jax.packing import PackedBatch, Packer, PackPlan
 from dapo_jax.model.transformer import Transformer
 
 
@@ -50,6 +53,7 @@ class UpdateConfig:
   num_micro_batches: int = 1
   kl_coef: float = 0.0  # > 0: low-variance KL to a frozen reference model (GRPO baselines; DAPO uses 0)
   entropy_coef: float = 0.0
+  max_tokens_per_micro_batch: int = 0  # > 0: packed micro-batches of this many tokens per device group
 
   def __post_init__(self):
     # Each message starts with the field's name (config_lib names the config field it came from).
@@ -61,6 +65,9 @@ class UpdateConfig:
       raise ValueError(f"clip_high: must be >= 0, got {self.clip_high}")
     if not self.clip_c > 1.0:
       raise ValueError(f"clip_c: the dual-clip constant must be > 1, got {self.clip_c}")
+    if not isinstance(self.max_tokens_per_micro_batch, int) or self.max_tokens_per_micro_batch < 0:
+      raise ValueError(f"max_tokens_per_micro_batch: must be an integer >= 0 (0: padded micro-batches), "
+                       f"got {self.max_tokens_per_micro_batch!r}")
     for name in ("num_mini_batches", "num_micro_batches"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -86,6 +93,20 @@ class Batch(NamedTuple):
   adv_B: Any
   ref_logp_BxN: Any = None
 
+  @property
+  def old_logp(self):
+    return self.old_logp_BxN
+
+  @property
+  def loss_mask(self):
+    return self.mask_BxN
+
+  def with_old_logp(self, x) -> "Batch":
+    return self._replace(old_logp_BxN=x)
+
+  def with_ref_logp(self, x) -> "Batch":
+    return self._replace(ref_logp_BxN=x)
+
 
 def lr_at(cfg: UpdateConfig, step) -> jax.Array:
   """transformers' constant schedule with warmup, stepped once per rollout step: step/warmup, then 1."""
@@ -107,6 +128,24 @@ def sequence_logprobs(model: Transformer, prompt_BxP, prompt_mask_BxP, tokens_Bx
   logits_BxNxV = model(full, attn_mask_BxT=mask)[:, p - 1:-1] / temperature
   logp_BxN = jnp.take_along_axis(jax.nn.log_softmax(logits_BxNxV, axis=-1), tokens_BxN[..., None], axis=-1)[..., 0]
   return logp_BxN, (logits_BxNxV if with_logits else None)
+
+
+def packed_logprobs(model: Transformer, mb: PackedBatch, temperature: float, with_logits: bool = False):
+  """`sequence_logprobs` of a packed micro-batch ([R, L] fields): at each position, log p of the token its
+  logits score (`target_RxL`); (logp_RxL, logits)."""
+  logits_RxLxV = model(mb.tokens_RxL, positions_BxT=mb.position_RxL, segment_BxT=mb.segment_RxL) / temperature
+  logp_RxL = jnp.take_along_axis(jax.nn.log_softmax(logits_RxLxV, axis=-1), mb.target_RxL[..., None], axis=-1)[..., 0]
+  return logp_RxL, (logits_RxLxV if with_logits else None)
+
+
+def _micro_batches(mini):
+  """A mini-batch's micro-batch axis to scan over, its loss totals, and whether a micro-batch holds a row
+  (None: always)."""
+  if isinstance(mini, PackedBatch):
+    micro = mini._replace(num_tokens_M=None, num_seqs_M=None, norm_len_M=None)
+    return micro, (mini.num_tokens_M, mini.num_seqs_M, mini.norm_len_M), lambda mb: jnp.any(mb.segment_RxL > 0)
+  totals = (jnp.sum(mini.mask_BxN.astype(jnp.float32)), loss_lib.count_sequences(mini.mask_BxN), None)
+  return mini, totals, None
 
 
 class NonFiniteError(FloatingPointError):
@@ -186,13 +225,21 @@ class Trainer:
 
   # --- batches ---
 
-  def shard_batch(self, batch: Batch) -> Batch:
-    """Host arrays [B, ...] -> device arrays [M, m, b, ...]: consecutive rows form a mini-batch, each
-    micro-batch spread over the data axes."""
-    return Batch(*(self.shard_rows(x) for x in batch))
+  def layout(self, batch: Batch) -> "Layout":
+    """Where a host batch's rows go in the update: packed when `max_tokens_per_micro_batch` is set."""
+    if not self.cfg.max_tokens_per_micro_batch:
+      return PaddedLayout(self)
+    packer = Packer(self.cfg.max_tokens_per_micro_batch, data=sharding.batch_shards(self.mesh),
+                    num_mini_batches=self.cfg.num_mini_batches)
+    return PackedLayout(self, packer.plan(batch.prompt_mask_BxP, batch.mask_BxN))
+
+  def shard_batch(self, batch: Batch) -> Batch | PackedBatch:
+    """A host batch [B, ...] on the devices in the update's layout (`layout`)."""
+    return self.layout(batch).shard(batch)
 
   def shard_rows(self, x):
-    """One host array [B, ...] laid out as `shard_batch` lays out a batch's fields (None stays None)."""
+    """One host array [B, ...] laid out [M, m, b, ...] as the padded layout lays out a batch's fields (None
+    stays None): consecutive rows form a mini-batch, each micro-batch spread over the data axes."""
     if x is None:
       return None
     cfg = self.cfg
@@ -202,15 +249,32 @@ class Trainer:
     if b_total % split:
       raise ValueError(f"update: batch of {b_total} rows does not split into {cfg.num_mini_batches} mini-batches "
                        f"x {cfg.num_micro_batches} micro-batches")
-    x = x.reshape((cfg.num_mini_batches, cfg.num_micro_batches, b_total // split) + x.shape[1:])
-    spec = sharding.logical_to_spec((None, None, "batch") + (None,) * (x.ndim - 3), x.shape, self.mesh)
+    return self._shard_micro(x.reshape((cfg.num_mini_batches, cfg.num_micro_batches, b_total // split)
+                                       + x.shape[1:]))
+
+  def _shard_micro(self, x):
+    """[M, m-or-K, rows, ...] with the rows over the data axes; [M] totals replicated."""
+    if x is None:
+      return None
+    x = np.asarray(x)
+    names = (None,) if x.ndim == 1 else (None, None, "batch") + (None,) * (x.ndim - 3)
+    spec = sharding.logical_to_spec(names, x.shape, self.mesh)
     return distributed.to_global(x, NamedSharding(self.mesh, spec))
 
   # --- log-probs ---
 
-  def _logprobs_impl(self, params, batch: Batch):
-    """Per-token log-probs of a [M, m, b, ...] batch, one micro-batch at a time (memory), -> [M, m, b, N]."""
+  def _logprobs_impl(self, params, batch):
+    """Per-token log-probs of a batch, one micro-batch at a time (memory), in the batch's layout."""
     model = nnx.merge(self.graphdef, params)
+    if isinstance(batch, PackedBatch):
+      micro, _, live = _micro_batches(batch)
+      flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), micro)
+
+      def packed(mb):
+        zeros = jnp.zeros(mb.tokens_RxL.shape, jnp.float32)
+        return jax.lax.cond(live(mb), lambda: packed_logprobs(model, mb, self.cfg.temperature)[0], lambda: zeros)
+
+      return jax.lax.map(packed, flat).reshape(batch.tokens_RxL.shape)
 
     def one(args):
       prompt, pmask, tokens, rmask = args
@@ -223,46 +287,54 @@ class Trainer:
 
   # --- the update ---
 
-  def microbatch_loss(self, params, mb: Batch, totals):
+  def microbatch_loss(self, params, mb, totals):
     """This micro-batch's share of the mini-batch loss, and its metric shares."""
     cfg = self.cfg
     model = nnx.merge(self.graphdef, params)
+    num_tokens, num_seqs, norm_len = totals
     # Logits are kept for the entropy metric, which is always logged.
-    logp, logits = sequence_logprobs(model, mb.prompt_BxP, mb.prompt_mask_BxP, mb.tokens_BxN, mb.mask_BxN > 0,
-                                     cfg.temperature, with_logits=True)
-    num_tokens, num_seqs = totals
+    if isinstance(mb, PackedBatch):
+      logp, logits = packed_logprobs(model, mb, cfg.temperature, with_logits=True)
+      old_logp, adv, mask, ref_logp, seq_tokens = (mb.old_logp_RxL, mb.adv_RxL, mb.mask_RxL, mb.ref_logp_RxL,
+                                                   mb.seq_tokens_RxL)
+    else:
+      logp, logits = sequence_logprobs(model, mb.prompt_BxP, mb.prompt_mask_BxP, mb.tokens_BxN, mb.mask_BxN > 0,
+                                       cfg.temperature, with_logits=True)
+      old_logp, adv, mask, ref_logp, seq_tokens = mb.old_logp_BxN, mb.adv_B, mb.mask_BxN, mb.ref_logp_BxN, None
+    norm_len = cfg.norm_len or norm_len
     loss, metrics = loss_lib.policy_loss(
-        logp, mb.old_logp_BxN, mb.adv_B, mb.mask_BxN, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-        clip_c=cfg.clip_c, agg=cfg.loss_agg, logits=logits, num_tokens=num_tokens, num_seqs=num_seqs,
-        norm_len=cfg.norm_len or None, entropy_coef=cfg.entropy_coef)
+        logp, old_logp, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c,
+        agg=cfg.loss_agg, logits=logits, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len,
+        entropy_coef=cfg.entropy_coef, seq_tokens=seq_tokens)
     if cfg.kl_coef:
       # The reference's KL loss: low_var_kl to the frozen starting policy, aggregated as the policy loss.
-      kl_loss = loss_lib.aggregate(loss_lib.low_var_kl(logp, mb.ref_logp_BxN), mb.mask_BxN, cfg.loss_agg,
-                                   num_tokens=num_tokens, num_seqs=num_seqs, norm_len=cfg.norm_len or None)
+      kl_loss = loss_lib.aggregate(loss_lib.low_var_kl(logp, ref_logp), mask, cfg.loss_agg, num_tokens=num_tokens,
+                                   num_seqs=num_seqs, norm_len=norm_len, seq_tokens=seq_tokens)
       loss = loss + cfg.kl_coef * kl_loss
       metrics["kl_loss"] = kl_loss
     return loss, metrics
 
-  def minibatch_grads(self, params, mini: Batch):
-    """Gradient of one mini-batch ([m, b, ...]) accumulated over its micro-batches; (loss, grads, metrics)."""
-    totals = (jnp.sum(mini.mask_BxN.astype(jnp.float32)), loss_lib.count_sequences(mini.mask_BxN))
+  def minibatch_grads(self, params, mini):
+    """Gradient of one mini-batch (its micro-batches stacked on the first axis) accumulated over its
+    micro-batches; (loss, grads, metrics)."""
+    micro, totals, live = _micro_batches(mini)
     grad_fn = jax.value_and_grad(self.microbatch_loss, has_aux=True)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    first = jax.tree.map(lambda x: x[0], micro)
+    out_shapes = jax.eval_shape(lambda: grad_fn(params, first, totals))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), out_shapes)
 
     def body(acc, mb):
-      (loss, metrics), grads = grad_fn(params, mb, totals)
-      acc_loss, acc_grads, acc_metrics = acc
-      acc_grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_grads, grads)
-      acc_metrics = jax.tree.map(jnp.add, acc_metrics, metrics)
-      return (acc_loss + loss, acc_grads, acc_metrics), None
+      if live is None:
+        out = grad_fn(params, mb, totals)
+      else:  # a micro-batch of the power-of-two count that holds no row: no work
+        out = jax.lax.cond(live(mb), lambda: grad_fn(params, mb, totals),
+                           lambda: jax.tree.map(lambda z, s: z.astype(s.dtype), zeros, out_shapes))
+      return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, out), None
 
-    _, metric_shapes = jax.eval_shape(lambda: self.microbatch_loss(params, jax.tree.map(lambda x: x[0], mini),
-                                                                   totals))
-    init = (jnp.zeros((), jnp.float32), zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
-    (loss, grads, metrics), _ = jax.lax.scan(body, init, mini)
+    ((loss, metrics), grads), _ = jax.lax.scan(body, zeros, micro)
     return loss, grads, metrics
 
-  def _update_impl(self, state: TrainState, batch: Batch):
+  def _update_impl(self, state: TrainState, batch):
     cfg = self.cfg
     tx = _base_tx(cfg)
     lr = lr_at(cfg, state.step)
@@ -274,7 +346,7 @@ class Trainer:
       finite = jnp.isfinite(norm)
       # A mini-batch with no loss token (all padding: see `dynamic_sampling.pad_rows`; or every row overlong-filtered) is no
       # update: an optimizer step on zero gradients would still move the weights (momentum, weight decay).
-      active = jnp.any(mini.mask_BxN > 0)
+      active = jnp.any(mini.loss_mask > 0)
       scale = jnp.minimum(1.0, cfg.grad_clip / (norm + 1e-6))
       grads = jax.tree.map(lambda g: g * scale, grads)
       step_updates, new_opt = tx.update(grads, opt, params)
@@ -300,3 +372,42 @@ class Trainer:
     metrics["actor/applied_updates"] = (updates - state.updates).astype(jnp.float32)
     metrics["actor/params_finite"] = all_finite(params).astype(jnp.float32)
     return TrainState(params, opt, state.step + 1, updates, skipped), metrics
+
+
+class PaddedLayout:
+  """Rows padded to the batch's widths, [M, m, b, ...]."""
+
+  def __init__(self, trainer: Trainer):
+    self.trainer = trainer
+
+  def shard(self, batch: Batch) -> Batch:
+    return Batch(*(self.trainer.shard_rows(x) for x in batch))
+
+  def token_field(self, x_BxN):
+    """A host array [B, N] of per-response-token values, on the devices as the batch's token fields."""
+    return self.trainer.shard_rows(x_BxN)
+
+  def rows(self, x) -> np.ndarray:
+    """A token field of this layout (the log-probs) back on the host as [B, N]."""
+    x = np.asarray(distributed.to_host(x))
+    return x.reshape(-1, x.shape[-1])
+
+
+class PackedLayout(PaddedLayout):
+  """Rows packed into token-budget micro-batches, [M, K, R, L] (`packing.py`)."""
+
+  def __init__(self, trainer: Trainer, plan: PackPlan):
+    super().__init__(trainer)
+    self.plan = plan
+
+  def shard(self, batch: Batch) -> PackedBatch:
+    return PackedBatch(*(self.trainer._shard_micro(x) for x in self.plan.pack(batch)))
+
+  def token_field(self, x_BxN):
+    return self.trainer._shard_micro(self.plan.token_field(x_BxN, np.asarray(x_BxN).dtype))
+
+  def rows(self, x) -> np.ndarray:
+    return self.plan.rows(np.asarray(distributed.to_host(x)))
+
+
+Layout = PaddedLayout

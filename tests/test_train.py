@@ -120,8 +120,12 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again_with_a_corre
 
 @pytest.mark.parametrize("field,value,match", [
     ("actor.mini_batch_size", 3, "actor.mini_batch_size: 3 does not divide rollout.train_batch_size=4"),
-    ("actor.micro_batch_size", 3, "actor.micro_batch_size: 3 rows do not divide a mini-batch of 8 rows"),
-    ("actor.micro_batch_size", 4, "actor.micro_batch_size: 4 rows do not divide over the 8 devices"),
+    ("actor.micro_batch_size", {"actor.packed": False, "actor.micro_batch_size": 3},
+     "actor.micro_batch_size: 3 rows do not divide a mini-batch of 8 rows"),
+    ("actor.micro_batch_size", {"actor.packed": False, "actor.micro_batch_size": 4},
+     "actor.micro_batch_size: 4 rows do not divide over the 8 devices"),
+    ("actor.max_tokens_per_micro_batch", 40, "actor.max_tokens_per_micro_batch: 40 tokens cannot hold a row of "
+     r"data.max_prompt_length \+ rollout.max_response_length = \d+ tokens"),
     ("actor.clip_low", 1.5, r"actor.clip_low: must be in \[0, 1\)"),
     ("actor.clip_c", 1.0, "actor.clip_c: the dual-clip constant must be > 1"),
     ("overlong.buffer", 32, "overlong.buffer: 32 must be positive and smaller than rollout.max_response_length=32"),
@@ -147,7 +151,8 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again_with_a_corre
 ])
 def test_config_is_validated_before_anything_is_built(tmp_path, data_dir, field, value, match):
   with pytest.raises(config_lib.ConfigValidationError, match=match):
-    train_and_evaluate(tiny_config(data_dir, **{field: value}), str(tmp_path / "run"))
+    train_and_evaluate(tiny_config(data_dir, **(value if isinstance(value, dict) else {field: value})),
+                       str(tmp_path / "run"))
   assert not any(tmp_path.iterdir())  # nothing written: the corrected command starts afresh
 
 
@@ -419,12 +424,12 @@ def test_without_dynamic_sampling_a_generation_batch_is_the_training_batch(tmp_p
 
 # One DAPO step of tiny_config (parity reward, streaming dynamic sampling, lr 1e-3 from the first step) on 8 fake CPU devices, as recorded. A change that moves any of them changes what
 # a step computes: if that is intended, run this test, check the new values are explained by the change, and
-# paste them here (the assertion message prints them all). Last recorded when the rollout engine came (each
-# group's randomness its own, groups streamed into the filter).
+# paste them here (the assertion message prints them all). Last recorded when attention went through
+# jax.nn.dot_product_attention and the update packed its rows (padded gives the same to 1e-6).
 GOLDEN_STEP = {
-    "actor/pg_loss": 0.1330440640449524, "actor/pg_clipfrac": 0.07012195140123367,
+    "actor/pg_loss": 0.13304080069065094, "actor/pg_clipfrac": 0.07012195140123367,
     "actor/pg_clipfrac_high": 0.03963414579629898, "actor/pg_clipfrac_low": 0.030487805604934692,
-    "actor/ppo_kl": 0.13481825590133667, "actor/grad_norm": 0.9108731150627136, "actor/entropy": 1.4613046646118164,
+    "actor/ppo_kl": 0.13483311235904694, "actor/grad_norm": 0.9106353521347046, "actor/entropy": 1.4613531827926636,
     "train/num_gen_batches": 1.0, "train/num_trained_groups": 4.0, "train/kept_group_fraction": 0.875,
     "critic/score/mean": 0.1875, "response_length/mean": 20.375,
     "train/dropped_groups": 0.0, "train/decoded_tokens_per_trained_token": 1.9662576687116564,
