@@ -10,11 +10,13 @@ dynamic_update_slice: both choices were measured to decide decode speed on CPU (
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dapo_jax.model.config import ModelConfig
@@ -97,6 +99,24 @@ def apply_rope(x_BxTxNxH, cos_BxTxH2, sin_BxTxH2):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def split(x, sizes: tuple[int, ...], axis: int):
+  """`x` cut into pieces of `sizes` along `axis`, whose gradient is the pieces' gradients concatenated: JAX's
+  own (each piece's gradient padded to the whole, then summed) cost the update step ~8% on CPU."""
+  return tuple(jnp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=axis))
+
+
+def _split_fwd(x, sizes, axis):
+  return split(x, sizes, axis), None
+
+
+def _split_bwd(sizes, axis, _, grads):
+  return (jnp.concatenate(grads, axis=axis),)
+
+
+split.defvjp(_split_fwd, _split_bwd)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -115,24 +135,21 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs)
       self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, pd, rngs=rngs)
 
-  def _qkv(self, x_BxTxD, cos, sin, fused: bool = False):
+  def _qkv(self, x_BxTxD, cos, sin):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     x = x_BxTxD.astype(dt)
-    if fused:
-      # One matmul instead of three (decoding: a step is many small ops). The concatenated kernel depends only
-      # on the weights, so XLA hoists it out of the decode loop.
-      d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-      w = jnp.concatenate([self.q_kernel[...].reshape(d, h * hd), self.k_kernel[...].reshape(d, kvh * hd),
-                           self.v_kernel[...].reshape(d, kvh * hd)], axis=1).astype(dt)
-      qkv = jnp.einsum("btd,de->bte", x, w)
-      q, k, v = jnp.split(qkv, [h * hd, (h + kvh) * hd], axis=-1)
-      b, t = x.shape[:2]
-      q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kvh, hd), v.reshape(b, t, kvh, hd)
-    else:
-      q = jnp.einsum("btd,dnh->btnh", x, self.q_kernel[...].astype(dt))
-      k = jnp.einsum("btd,dkh->btkh", x, self.k_kernel[...].astype(dt))
-      v = jnp.einsum("btd,dkh->btkh", x, self.v_kernel[...].astype(dt))
+    # One matmul instead of three: each KV head's G query heads, its key and its value side by side
+    # ([D, KV, G + 2, hd]), so a mesh that splits heads splits the three kernels alike. Measured on CPU: the
+    # update step ~5% faster, and decoding (a step is many small ops) faster still. The kernel depends only on
+    # the weights: XLA hoists it out of a decode loop.
+    d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = h // kvh
+    w = jnp.concatenate([self.q_kernel[...].reshape(d, kvh, g, hd), self.k_kernel[...][:, :, None],
+                         self.v_kernel[...][:, :, None]], axis=2).astype(dt)
+    b, t = x.shape[:2]
+    q, k, v = split(jnp.einsum("btd,dkgh->btkgh", x, w), (g, 1, 1), axis=3)
+    q, k, v = q.reshape(b, t, h, hd), k[:, :, :, 0], v[:, :, :, 0]
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dt)[None, None]
       k = k + self.k_bias[...].astype(dt)[None, None]
@@ -169,7 +186,7 @@ class Attention(nnx.Module):
     `engine.engine_attend`, the rest of a step here."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    q, k, v = self._qkv(x_Bx1xD.astype(dt), cos, sin, fused=True)
+    q, k, v = self._qkv(x_Bx1xD.astype(dt), cos, sin)
     b, kvh, hd = q.shape[0], cfg.num_kv_heads, cfg.head_dim
     out, cache = attend(cfg, q.reshape(b, kvh, cfg.num_heads // kvh, hd), k[:, 0], v[:, 0], cache)
     # As one [B, N*hd] x [N*hd, D] matmul: the einsum over (heads, head_dim) made XLA transpose the whole
@@ -263,16 +280,14 @@ class MLP(nnx.Module):
     self.up_kernel = _param(rngs, _INIT, (d, f), ("embed", "mlp"), pd)
     self.down_kernel = _param(rngs, _INIT, (f, d), ("mlp", "embed"), pd)
 
-  def __call__(self, x_BxTxD, fused: bool = False):
+  def __call__(self, x_BxTxD):
     dt = self.dtype
     x = x_BxTxD.astype(dt)
-    if fused:  # one matmul for gate and up (see Attention._qkv)
-      w = jnp.concatenate([self.gate_kernel[...], self.up_kernel[...]], axis=1).astype(dt)
-      gate, up = jnp.split(jnp.einsum("btd,df->btf", x, w), 2, axis=-1)
-    else:
-      gate = jnp.einsum("btd,df->btf", x, self.gate_kernel[...].astype(dt))
-      up = jnp.einsum("btd,df->btf", x, self.up_kernel[...].astype(dt))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.down_kernel[...].astype(dt))
+    # Gate and up in one matmul, stacked ([D, 2, F]) so that a mesh splitting F splits both alike.
+    w = jnp.stack([self.gate_kernel[...], self.up_kernel[...]], axis=1).astype(dt)
+    gate, up = split(jnp.einsum("btd,dcf->btcf", x, w), (1, 1), axis=2)
+    hidden = jax.nn.silu(gate[:, :, 0]) * up[:, :, 0]
+    return jnp.einsum("btf,fd->btd", hidden, self.down_kernel[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -293,7 +308,7 @@ class Block(nnx.Module):
   def decode(self, x_Bx1xD, cos, sin, cache, attend):
     h, kv = self.attn.decode(self.attn_norm(x_Bx1xD), cos, sin, cache, attend)
     x_Bx1xD = x_Bx1xD + h.astype(x_Bx1xD.dtype)
-    x_Bx1xD = x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD), fused=True).astype(x_Bx1xD.dtype)
+    x_Bx1xD = x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD)).astype(x_Bx1xD.dtype)
     return constrain(x_Bx1xD, ("batch", "length", "act_embed")), kv
 
 
