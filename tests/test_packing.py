@@ -78,8 +78,8 @@ def test_packed_equals_padded_loss_gradients_and_logprobs(agg):
   want_loss, want, want_m = grads_of(padded, state, batch)
   assert np.abs(want).max() > 0 and float(want_m["pg_clipfrac"]) > 0
   want_logp = np.asarray(padded.logprobs(state.params, padded.shard_batch(batch))).reshape(batch.mask_BxN.shape)
-  # Budgets of one row to all rows a micro-batch: micro-batch invariance holds packed too.
-  for budget in (32, 64, 512):
+  # A row or two a micro-batch, and all rows in one: micro-batch invariance holds packed too.
+  for budget in (32, 512):
     packed = Trainer(model, UpdateConfig(loss_agg=agg, max_tokens_per_micro_batch=budget, **extra), ONE)
     layout = packed.layout(batch)
     loss, got, m = grads_of(packed, state, batch)
