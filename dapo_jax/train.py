@@ -315,6 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           host_batch = update_batch(batch, adv_B, loss_mask_BxN, rows)
           layout = trainer.layout(host_batch)  # packed into token-budget micro-batches, or padded
           sharded = layout.shard(host_batch)
+          ds_metrics["perf/update_token_fill"] = layout.fill(host_batch)
         if not config.actor.reuse_sampler_logprobs:
           with _timed(timings, "old_log_prob"):
             sharded, diff = behaviour_logprobs(trainer, state.params, sharded, batch, layout, rows)

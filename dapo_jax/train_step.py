@@ -392,6 +392,12 @@ class PaddedLayout:
     x = np.asarray(distributed.to_host(x))
     return x.reshape(-1, x.shape[-1])
 
+  @staticmethod
+  def fill(batch: Batch) -> float:
+    """The share of the tokens the update computes that are real (prompt and response)."""
+    real = np.asarray(batch.prompt_mask_BxP).sum() + (np.asarray(batch.mask_BxN) > 0).sum()
+    return float(real) / max(np.asarray(batch.prompt_mask_BxP).size + np.asarray(batch.mask_BxN).size, 1)
+
 
 class PackedLayout(PaddedLayout):
   """Rows packed into token-budget micro-batches, [M, K, R, L] (`packing.py`)."""
@@ -408,6 +414,10 @@ class PackedLayout(PaddedLayout):
 
   def rows(self, x) -> np.ndarray:
     return self.plan.rows(np.asarray(distributed.to_host(x)))
+
+  def fill(self, batch: Batch) -> float:
+    _, _, r, width = self.plan.shape
+    return self.plan.tokens / max(int(self.plan.micro_batches_M.sum()) * r * width, 1)
 
 
 Layout = PaddedLayout

@@ -112,3 +112,17 @@ def test_packed_update_on_meshes_equals_padded_on_one_device():
     assert float(m["actor/applied_updates"]) == 2
     for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy"):
       np.testing.assert_allclose(float(m[key]), float(want_m[key]), rtol=1e-5, err_msg=f"{shape} {key}")
+
+
+def test_packed_query_blocks_and_remat_equal_the_plain_packed_update():
+  batch = long_tailed_batch(seed=4)
+  model = M.init_sharded(CFG, ONE, seed=3)
+  plain = Trainer(model, UpdateConfig(max_tokens_per_micro_batch=64), ONE)
+  state = plain.init_state(model)
+  want_loss, want, _ = grads_of(plain, state, batch)
+  lean_cfg = M.preset("tiny", num_heads=8, num_kv_heads=4, remat=True, attention_chunk=16)
+  lean = Trainer(M.init_sharded(lean_cfg, ONE, seed=3), UpdateConfig(max_tokens_per_micro_batch=64), ONE)
+  assert lean.layout(batch).plan.shape[-1] % 16 == 0
+  loss, got, _ = grads_of(lean, state, batch)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
