@@ -1,7 +1,8 @@
 """Rows packed into token-budget micro-batches for the update, instead of each padded to the whole budget.
 
-A row is its real prompt tokens then its response up to its last loss token; a row with no loss token
-(overlong-filtered, or padding) adds nothing to the loss, so it is left out. Rows are packed, best fit in
+A row is its real prompt tokens then its response up to its last loss token (a loss mask is a run from the
+first response token: one with a gap is refused); a row with no loss token (overlong-filtered, or padding)
+adds nothing to the loss, so it is left out. Rows are packed, best fit in
 decreasing length, into buffer rows of `L` tokens (the longest row rounded up to `_ROUND`, at most the padded
 width): each packed row is a segment (1, 2, ... in its buffer row; 0 is padding) whose positions restart at 0,
 and attention never crosses segments (`transformer.attend_segments`). A micro-batch is `R` buffer rows, `Rb =
@@ -89,6 +90,12 @@ class Packer:
     plen_B = prompt_mask_BxP.sum(axis=1)
     # Up to the last loss token: the tokens after it are scored by nothing.
     n_B = np.where(has_BxN.any(axis=1), n_width - np.argmax(has_BxN[:, ::-1], axis=1), 0)
+    holes_B = (~has_BxN & (np.arange(n_width)[None] < n_B[:, None])).any(axis=1)
+    if holes_B.any():
+      row = int(np.argmax(holes_B))
+      raise ValueError(f"mask_BxN: row {row}'s loss mask has a 0 before its last 1 (at token "
+                       f"{int(np.argmin(has_BxN[row]))}); the packed update scores a response as one run of "
+                       f"tokens up to its last loss token (set actor.packed=False for such masks)")
     length_B = np.where(n_B > 0, plen_B + n_B, 0)
     longest = int(length_B.max(initial=0))
     if longest > self.max_tokens:
