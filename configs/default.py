@@ -78,6 +78,12 @@ def get_config(arg=None):
       {"enable": True, "metric": "acc", "max_num_gen_batches": 10, "on_exhausted": "train_on_kept",
        "carry_over": False})
   c.overlong = ml_collections.ConfigDict({"enable": True, "buffer": 8, "factor": 1.0, "filter": False})
+  # The gap between the sampler's log-probs and the trainer's (dapo_jax/rollout_correction.py, the reference's
+  # algorithm.rollout_correction): importance weights ("token" / "sequence", truncated at the threshold) and
+  # rejection ("token" / "sequence" / "geometric"); "" is off, and 0 thresholds take their defaults.
+  c.rollout_correction = ml_collections.ConfigDict({
+      "rollout_is": "", "rollout_is_threshold": 2.0, "rollout_rs": "", "rollout_rs_threshold": 0.0,
+      "rollout_rs_threshold_lower": 0.0, "rollout_token_veto_threshold": 0.0})
   # timeout_s: each response's scoring limit (timed-out responses score -1 and are counted as
   # reward/timeouts); a worker still busy kill_after_s later is killed and replaced.
   c.reward = ml_collections.ConfigDict({"name": "math_dapo", "workers": 2, "timeout_s": 5.0, "kill_after_s": 5.0})

@@ -11,6 +11,7 @@ from dapo_jax.dynamic_sampling import DynamicSampling
 from dapo_jax.engine import EngineConfig
 from dapo_jax.rewards import OverlongShaping
 from dapo_jax.sampling import SamplingParams
+from dapo_jax.rollout_correction import RolloutCorrection
 from dapo_jax.train_step import UpdateConfig
 
 
@@ -68,6 +69,16 @@ def gen_batch_prompts(config) -> int:
 
 def overlong(config) -> OverlongShaping:
   return _built(lambda: OverlongShaping.from_config(config))
+
+
+def rollout_correction(config) -> RolloutCorrection:
+  """`rollout_correction.*` (configs from before it existed: off)."""
+  fields = dict(config.get("rollout_correction", {}))
+  names = {f: f"rollout_correction.{f}" for f in fields}
+  try:
+    return _built(lambda: RolloutCorrection(**fields), {"RolloutCorrection.__init__": "rollout_correction", **names})
+  except TypeError as e:
+    raise ConfigValidationError(f"config.rollout_correction: {e}") from None
 
 
 def sampling_params(config, tokenizer=None, *, evaluation: bool = False) -> SamplingParams:
@@ -155,6 +166,7 @@ def validate(config, mesh=None) -> None:
     _fail("actor.micro_batch_size", f"{u.micro_batch_size} rows do not divide a mini-batch of {mini_rows} rows "
           f"(actor.mini_batch_size x rollout.group_size)")
   overlong(config)
+  rollout_correction(config)
   update_config(config)
   sampling_params(config)
   if r.temperature <= 0.0:

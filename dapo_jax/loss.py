@@ -89,8 +89,10 @@ def entropy_from_logits(logits_BxTxV):
 
 def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip_high: float = 0.28,
                 clip_c: float = 10.0, agg: str = "token-mean", logits=None, num_tokens=None, num_seqs=None,
-                norm_len=None, entropy_coef: float = 0.0, seq_tokens=None):
+                norm_len=None, entropy_coef: float = 0.0, seq_tokens=None, is_weight=None):
   """(loss, metrics). `advantages` is [B] (broadcast to tokens) or [B, T]; `mask` [B, T] marks response tokens.
+
+  `is_weight` ([B, T], `rollout_correction.py`) multiplies each token's policy loss.
 
   With `entropy_coef` (needs `logits`) the loss is `pg_loss - entropy_coef * entropy_loss`, the per-token
   entropy aggregated by the same `agg` as the policy loss (the reference's `agg_loss(entropy, mask, mode)`),
@@ -110,6 +112,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, clip_low: float = 0.2, clip
   adv_BxT = advantages[:, None] * jnp.ones_like(logp) if advantages.ndim == 1 else advantages
   loss_BxT, high, low, dual, _ = per_token_loss(logp, old_logp, adv_BxT, clip_low=clip_low,
                                                 clip_high=clip_high, clip_c=clip_c)
+  if is_weight is not None:  # the rollout correction's truncated importance weights, constants of the loss
+    loss_BxT = loss_BxT * jax.lax.stop_gradient(is_weight)
   loss = aggregate(loss_BxT, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len,
                    seq_tokens=seq_tokens)
   m = mask.astype(jnp.float32)

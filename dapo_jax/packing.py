@@ -1,8 +1,8 @@
 """Rows packed into token-budget micro-batches for the update, instead of each padded to the whole budget.
 
-A row is its real prompt tokens then its response up to its last loss token (a loss mask is a run from the
-first response token: one with a gap is refused); a row with no loss token (overlong-filtered, or padding)
-adds nothing to the loss, so it is left out. Rows are packed, best fit in
+A row is its real prompt tokens then its response up to its last loss token (tokens in a gap of the loss
+mask stay in the row, unscored, as the padded update reads them); a row with no loss token (overlong-filtered,
+or padding) adds nothing to the loss, so it is left out. Rows are packed, best fit in
 decreasing length, into buffer rows of `L` tokens (the longest row rounded up to `_ROUND`, at most the padded
 width): each packed row is a segment (1, 2, ... in its buffer row; 0 is padding) whose positions restart at 0,
 and attention never crosses segments (`transformer.attend_segments`). A micro-batch is `R` buffer rows, `Rb =
@@ -45,6 +45,7 @@ class PackedBatch(NamedTuple):
   num_seqs_M: Any  # float32, rows with a loss token in the mini-batch
   norm_len_M: Any  # float32, the padded response width (seq-mean-token-sum-norm's default constant)
   ref_logp_RxL: Any = None
+  is_weight_RxL: Any = None  # float32, the rollout correction's importance weights
 
   @property
   def old_logp(self):
@@ -90,12 +91,6 @@ class Packer:
     plen_B = prompt_mask_BxP.sum(axis=1)
     # Up to the last loss token: the tokens after it are scored by nothing.
     n_B = np.where(has_BxN.any(axis=1), n_width - np.argmax(has_BxN[:, ::-1], axis=1), 0)
-    holes_B = (~has_BxN & (np.arange(n_width)[None] < n_B[:, None])).any(axis=1)
-    if holes_B.any():
-      row = int(np.argmax(holes_B))
-      raise ValueError(f"mask_BxN: row {row}'s loss mask has a 0 before its last 1 (at token "
-                       f"{int(np.argmin(has_BxN[row]))}); the packed update scores a response as one run of "
-                       f"tokens up to its last loss token (set actor.packed=False for such masks)")
     length_B = np.where(n_B > 0, plen_B + n_B, 0)
     longest = int(length_B.max(initial=0))
     if longest > self.max_tokens:
@@ -220,4 +215,5 @@ class PackPlan:
         seq_tokens_RxL=self.token_field(np.broadcast_to(seq_tokens_B[:, None], (b, n))),
         num_tokens_M=per_mini(seq_tokens_B), num_seqs_M=per_mini((seq_tokens_B > 0).astype(np.float32)),
         norm_len_M=np.full(m, n, np.float32),
-        ref_logp_RxL=None if batch.ref_logp_BxN is None else self.token_field(batch.ref_logp_BxN))
+        ref_logp_RxL=None if batch.ref_logp_BxN is None else self.token_field(batch.ref_logp_BxN),
+        is_weight_RxL=None if getattr(batch, "is_weight_BxN", None) is None else self.token_field(batch.is_weight_BxN))

@@ -37,6 +37,7 @@ from dapo_jax.dynamic_sampling import GroupAccumulator, keep_groups, pad_rows
 from dapo_jax.evaluation import evaluate_task
 from dapo_jax.metrics import MetricWriter, Progress, plot_run, read_metrics, read_samples
 from dapo_jax.rollout import Rollouts, ScoredBatch
+from dapo_jax.rollout_correction import RolloutCorrection
 from dapo_jax.train_step import Batch, NonFiniteError, Trainer
 
 class _Stop:
@@ -118,6 +119,18 @@ def behaviour_logprobs(trainer: Trainer, params, sharded, batch: ScoredBatch, la
     old = _tokens_where(layout.token_field(known_BxN), layout.token_field(carried_BxN), old)
   diff = _probs_diff(sharded.old_logp, old, sharded.loss_mask)
   return sharded.with_old_logp(jax.block_until_ready(old)), diff
+
+
+def corrected_batch(trainer: Trainer, correction: RolloutCorrection, host_batch: Batch, sharded, layout):
+  """The update's batch with the rollout correction (`rollout_correction.py`) applied: the sampler's
+  log-probs (the host batch's old log-probs until now) against the trainer's just computed; the rows are laid
+  out anew, as rejection may leave rows out. (sharded, layout, metrics)."""
+  old_BxN = layout.rows(sharded.old_logp)
+  weight_BxN, mask_BxN, metrics = correction.apply(old_BxN, host_batch.old_logp_BxN, host_batch.mask_BxN)
+  host_batch = host_batch._replace(mask_BxN=mask_BxN, old_logp_BxN=old_BxN.astype(np.float32),
+                                   is_weight_BxN=weight_BxN)
+  layout = trainer.layout(host_batch)
+  return layout.shard(host_batch), layout, metrics
 
 
 def _carried_logprobs_fn(trainer: Trainer, params, rows: int):
@@ -232,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     strategy = config_lib.dynamic_sampling(config)
     accumulator = GroupAccumulator(strategy, g)
     overlong = config_lib.overlong(config)
+    correction = config_lib.rollout_correction(config)
     iterator = task.train_iterator(config.seed)
     restored = checkpointer.restore_latest(abstract)
     with jax.set_mesh(mesh):
@@ -322,6 +336,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ds_metrics.update(distributed.to_host(diff))
             # The groups carried into the next step get theirs now, while these weights exist.
             accumulator.compute_carried_logprobs(_carried_logprobs_fn(trainer, state.params, rows), rows)
+        if correction.enabled:
+          with _timed(timings, "rollout_corr"):
+            sharded, layout, corr_metrics = corrected_batch(trainer, correction, host_batch, sharded, layout)
+            ds_metrics.update(corr_metrics)
         if ref_params is not None:
           with _timed(timings, "ref"):
             sharded = sharded.with_ref_logp(jax.block_until_ready(trainer.logprobs(ref_params, sharded)))

@@ -92,6 +92,7 @@ class Batch(NamedTuple):
   old_logp_BxN: Any
   adv_B: Any
   ref_logp_BxN: Any = None
+  is_weight_BxN: Any = None  # the rollout correction's importance weights (`rollout_correction.py`)
 
   @property
   def old_logp(self):
@@ -124,7 +125,10 @@ def sequence_logprobs(model: Transformer, prompt_BxP, prompt_mask_BxP, tokens_Bx
   """log p(token) of each response token under log_softmax(logits / T), teacher-forced; (logp_BxN, logits)."""
   p = prompt_BxP.shape[1]
   full = jnp.concatenate([prompt_BxP, tokens_BxN], axis=1)
-  mask = jnp.concatenate([prompt_mask_BxP.astype(bool), resp_mask_BxN.astype(bool)], axis=1)
+  # A response is every token up to its last masked one (a loss mask may have gaps: rejected tokens), as
+  # the packed update reads it.
+  resp_BxN = jnp.flip(jnp.cumsum(jnp.flip(resp_mask_BxN.astype(jnp.int32), -1), -1), -1) > 0
+  mask = jnp.concatenate([prompt_mask_BxP.astype(bool), resp_BxN], axis=1)
   logits_BxNxV = model(full, attn_mask_BxT=mask)[:, p - 1:-1] / temperature
   logp_BxN = jnp.take_along_axis(jax.nn.log_softmax(logits_BxNxV, axis=-1), tokens_BxN[..., None], axis=-1)[..., 0]
   return logp_BxN, (logits_BxNxV if with_logits else None)
@@ -297,15 +301,17 @@ class Trainer:
       logp, logits = packed_logprobs(model, mb, cfg.temperature, with_logits=True)
       old_logp, adv, mask, ref_logp, seq_tokens = (mb.old_logp_RxL, mb.adv_RxL, mb.mask_RxL, mb.ref_logp_RxL,
                                                    mb.seq_tokens_RxL)
+      is_weight = mb.is_weight_RxL
     else:
       logp, logits = sequence_logprobs(model, mb.prompt_BxP, mb.prompt_mask_BxP, mb.tokens_BxN, mb.mask_BxN > 0,
                                        cfg.temperature, with_logits=True)
       old_logp, adv, mask, ref_logp, seq_tokens = mb.old_logp_BxN, mb.adv_B, mb.mask_BxN, mb.ref_logp_BxN, None
+      is_weight = mb.is_weight_BxN
     norm_len = cfg.norm_len or norm_len
     loss, metrics = loss_lib.policy_loss(
         logp, old_logp, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_c=cfg.clip_c,
         agg=cfg.loss_agg, logits=logits, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len,
-        entropy_coef=cfg.entropy_coef, seq_tokens=seq_tokens)
+        entropy_coef=cfg.entropy_coef, seq_tokens=seq_tokens, is_weight=is_weight)
     if cfg.kl_coef:
       # The reference's KL loss: low_var_kl to the frozen starting policy, aggregated as the policy loss.
       kl_loss = loss_lib.aggregate(loss_lib.low_var_kl(logp, ref_logp), mask, cfg.loss_agg, num_tokens=num_tokens,
