@@ -18,6 +18,7 @@ import io
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +87,10 @@ class _FailedSaveLeftovers(logging.Filter):
 def _quiet_failed_save_leftovers() -> None:
   """After a save failed (and was reported once, as a CheckpointWriteError): its hundreds of unfinished
   tensorstore writes are collected later, mostly at exit, each printing a traceback of the same cause
-  ("Task exception was never retrieved", "Exception ignored in <coroutine ...>"). Those are dropped; every
-  other unraisable error still prints."""
+  ("Task exception was never retrieved", "Exception ignored in <coroutine ...>", and on a loaded machine
+  "coroutine ... was never awaited" at exit). Those are dropped; every other unraisable error still prints."""
   logging.getLogger("asyncio").addFilter(_FailedSaveLeftovers())
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
   previous = sys.unraisablehook
 
   def hook(unraisable):

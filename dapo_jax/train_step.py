@@ -398,8 +398,7 @@ class PaddedLayout:
     x = np.asarray(distributed.to_host(x))
     return x.reshape(-1, x.shape[-1])
 
-  @staticmethod
-  def fill(batch: Batch) -> float:
+  def fill(self, batch: Batch) -> float:
     """The share of the tokens the update computes that are real (prompt and response)."""
     real = np.asarray(batch.prompt_mask_BxP).sum() + (np.asarray(batch.mask_BxN) > 0).sum()
     return float(real) / max(np.asarray(batch.prompt_mask_BxP).size + np.asarray(batch.mask_BxN).size, 1)
