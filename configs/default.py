@@ -23,6 +23,10 @@ def get_config(arg=None):
   # A data mesh: every device holds the whole (tiny) policy and its own rows, and the sampler decodes each
   # device's rows in its own loop. On a CPU, `hardware.cpu_devices` splits the host into that many devices.
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # rollout_devices: 0 samples on the training devices; n > 0 gives the first n devices (n / processes of each
+  # process) to the sampler, on a mesh of `mesh.rollout`'s axes, and trains on the rest (data/fsdp/tensor above).
+  c.mesh.rollout_devices = 0
+  c.mesh.rollout = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # device_memory_gib: for the start-up memory check. cpu_devices: JAX devices the CPU backend is split into
   # (0: JAX's default of one; -1: one per core). 2 suits the 2-core machines this default is made for (on them
   # it cut a DAPO step by ~19%) and divides every batch size here; an XLA_FLAGS device count takes precedence.
@@ -63,6 +67,9 @@ def get_config(arg=None):
   # streaming: the engine decodes prompt groups as slots free up and hands each finished group to the reward
   # and the dynamic-sampling filter, stopping once the batch is full (False: whole generation batches).
   c.rollout.streaming = True
+  # max_staleness: the batch of step t is sampled with the weights of step t - k, on a thread beside the update
+  # (dapo_jax/off_policy.py); 0 is the synchronous run.
+  c.rollout.max_staleness = 0
   # The rollout engine (dapo_jax/engine.py): rows decoding at once (the KV cache's memory budget), tokens per
   # page, decode steps per jitted chunk; see engine.EngineConfig for the rest.
   c.rollout.engine = ml_collections.ConfigDict(

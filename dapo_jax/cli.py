@@ -77,8 +77,8 @@ def start_checkpoint_program():
   config, run_config = checkpoint_config()
   quiet_unless_verbose()
   start(config)
-  from dapo_jax import distributed, sharding
+  from dapo_jax import config_lib, distributed, sharding
   log = print if distributed.is_main() else (lambda *_: None)
   if run_config:
     log(f"config: {run_config}")
-  return config, sharding.make_mesh(dict(config.mesh)), log
+  return config, sharding.make_mesh(config_lib.mesh_axes(config)), log

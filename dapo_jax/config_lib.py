@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from dapo_jax import rewards
+from dapo_jax import sharding
 from dapo_jax.dynamic_sampling import DynamicSampling
 from dapo_jax.engine import EngineConfig
 from dapo_jax.rewards import OverlongShaping
@@ -43,6 +44,21 @@ _UPDATE_FIELDS = {"lr": "actor.lr", "warmup_steps": "actor.warmup_steps", "weigh
                   "temperature": "rollout.temperature", "num_mini_batches": "actor.mini_batch_size",
                   "num_micro_batches": "actor.micro_batch_size",
                   "max_tokens_per_micro_batch": "actor.max_tokens_per_micro_batch"}
+
+
+def mesh_axes(config, part: str = "") -> dict[str, int]:
+  """The training mesh's axes (`mesh.data/fsdp/tensor`), or the sampler's (part="rollout": `mesh.rollout`)."""
+  node = config.mesh if not part else config.mesh.get(part, None) or {"data": -1}
+  return {a: int(node[a]) for a in sharding.MESH_AXES if a in node}
+
+
+def meshes(config):
+  """(train mesh, rollout mesh): one mesh unless `mesh.rollout_devices` gives the sampler devices of its own."""
+  try:
+    return sharding.split_meshes(mesh_axes(config), mesh_axes(config, "rollout"),
+                                 int(config.mesh.get("rollout_devices", 0)))
+  except ValueError as e:
+    raise ConfigValidationError(f"config.{e}" if str(e).startswith("mesh.") else f"config.mesh: {e}") from None
 
 
 def dynamic_sampling(config) -> DynamicSampling:
@@ -128,8 +144,9 @@ def _positive_int(config, field: str, *, zero_ok: bool = False, note: str = ""):
   return value
 
 
-def validate(config, mesh=None) -> None:
-  """Builds every strategy (each checks its own fields) and checks what ties fields together or to the mesh."""
+def validate(config, mesh=None, rollout_mesh=None) -> None:
+  """Builds every strategy (each checks its own fields) and checks what ties fields together or to the meshes
+  (the sampler's is the training mesh unless given)."""
   r, u = config.rollout, config.actor
   for field in ("rollout.group_size", "rollout.gen_batch_size", "rollout.train_batch_size",
                 "rollout.max_response_length", "actor.mini_batch_size", "actor.micro_batch_size"):
@@ -144,6 +161,11 @@ def validate(config, mesh=None) -> None:
   _positive_int(config, "checkpoint.keep", note=" (the newest checkpoints kept)")
   _positive_int(config, "data.max_prompt_length")
   _positive_int(config, "reward.workers", zero_ok=True, note=" (0: score in this process)")
+  staleness = _positive_int(config, "rollout.max_staleness", zero_ok=True, note=" (0: synchronous)")
+  if staleness and config.reward.workers == 0:
+    _fail("reward.workers", "0 scores on the main thread (under its alarm), but with rollout.max_staleness > 0 "
+          "responses are scored on the sampler's thread; use --config.reward.workers=1 or more")
+  _positive_int(config, "mesh.rollout_devices", zero_ok=True, note=" (0: sample on the training devices)")
   if not config.reward.timeout_s > 0:
     _fail("reward.timeout_s", f"must be > 0 seconds (the per-item scoring limit), got {config.reward.timeout_s}")
   if not config.reward.get("kill_after_s", 5.0) > 0:
@@ -181,7 +203,7 @@ def validate(config, mesh=None) -> None:
   if config.reward.name not in rewards.names() and ":" not in config.reward.name:
     _fail("reward.name", f"unknown reward {config.reward.name!r}; registered: {rewards.names()}")
   if mesh is not None:
-    _validate_mesh(config, ds, mesh)
+    _validate_mesh(config, ds, mesh, mesh if rollout_mesh is None else rollout_mesh)
 
 
 def _validate_math_data(d) -> None:
@@ -196,7 +218,7 @@ def _validate_math_data(d) -> None:
             f"--config.data.{split_field}={splits[0]}")
 
 
-def _validate_mesh(config, ds: DynamicSampling, mesh) -> None:
+def _validate_mesh(config, ds: DynamicSampling, mesh, rollout_mesh) -> None:
   r, u = config.rollout, config.actor
   data = mesh.shape["data"] * mesh.shape["fsdp"]
   mini_rows = u.mini_batch_size * r.group_size
@@ -213,8 +235,10 @@ def _validate_mesh(config, ds: DynamicSampling, mesh) -> None:
     _fail(field, f"{ds.gen_batch_prompts} prompts x {r.group_size} responses do not divide over the {data} "
           f"devices of the mesh's data axes")
   slots = engine_config(config).slots
+  data = rollout_mesh.shape["data"] * rollout_mesh.shape["fsdp"]
   if slots % data:
-    _fail("rollout.engine.slots", f"{slots} decode slots do not divide over the {data} devices of the mesh's data "
+    where = "the rollout mesh's" if rollout_mesh is not mesh else "the mesh's"
+    _fail("rollout.engine.slots", f"{slots} decode slots do not divide over the {data} devices of {where} data "
           f"axes; e.g. --config.rollout.engine.slots={-(-slots // data) * data}")
 
 

@@ -9,13 +9,20 @@ process reads its own share of the prompts and scores its own share of the respo
     distributed.initialize()                     # a no-op in a single process
     x = distributed.to_global(x_host, sharding)  # host array (same on every process) -> global jax.Array
     y = distributed.to_host(x)                   # global jax.Array -> the whole numpy array on every process
+
+Exchanges of host data ride on a device collective over every device, which needs every process to issue them
+in one order. Threads that run their own device programs beside each other (the sampler and the trainer of an
+off-policy run, `off_policy.py`) each exchange through their own `channel`: the coordination service's
+key-value store, which no device program waits on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -90,8 +97,46 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
+_local = threading.local()
+_KV_TIMEOUT_MS = 3_600_000  # a generation or an update may take this long between two exchanges
+
+
+@contextlib.contextmanager
+def channel(name: str):
+  """Within the block, this thread's host exchanges (`allgather_objects`, `barrier`) go through the coordination
+  service's key-value store under `name`, apart from other threads' device collectives. Every process must
+  enter the same channels and exchange in each the same sequence."""
+  previous = getattr(_local, "channel", None)
+  _local.channel = [name, 0]
+  try:
+    yield
+  finally:
+    _local.channel = previous
+
+
+def _kv_exchange(payload: bytes | None) -> list[bytes]:
+  """Every process's payload through the key-value store (None: a barrier). A process that reaches exchange n
+  has read every payload of n - 1, so its payload of n - 2 is deleted then."""
+  from jax._src import distributed as jax_distributed
+  client = jax_distributed.global_state.client
+  name, n = _local.channel
+  _local.channel[1] += 1
+  me, count = jax.process_index(), jax.process_count()
+  key = lambda k, i: f"dapo_jax/{name}/{k}/{i}"  # noqa: E731
+  if payload is None:
+    client.wait_at_barrier(f"dapo_jax/{name}/{n}", _KV_TIMEOUT_MS)
+    return []
+  client.key_value_set_bytes(key(n, me), payload)
+  out = [client.blocking_key_value_get_bytes(key(n, i), _KV_TIMEOUT_MS) for i in range(count)]
+  if n >= 2:
+    client.key_value_delete(key(n - 2, me))
+  return out
+
+
 def barrier(name: str) -> None:
-  if jax.process_count() > 1:
+  if jax.process_count() > 1 and getattr(_local, "channel", None) is not None:
+    _kv_exchange(None)
+  elif jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
@@ -139,6 +184,8 @@ def allgather_objects(obj: Any) -> list:
   """Every process's `obj` (picklable), in process order, on every process."""
   if jax.process_count() == 1:
     return [obj]
+  if getattr(_local, "channel", None) is not None:
+    return [pickle.loads(b) for b in _kv_exchange(pickle.dumps(obj))]
   from jax.experimental import multihost_utils
   payload = np.frombuffer(pickle.dumps(obj), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray([payload.size], np.int64))).reshape(-1)

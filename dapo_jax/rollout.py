@@ -74,6 +74,7 @@ class ScoredBatch(NamedTuple):
   text_B: np.ndarray  # object (str): the decoded response
   truth_B: np.ndarray  # object: the ground truth
   group_B: np.ndarray  # int64, the prompt group's id (unique within a run)
+  version_B: np.ndarray  # int32, the weights that sampled it: their number of updates (-1: not recorded)
 
   @property
   def num_rows(self) -> int:
@@ -119,7 +120,7 @@ class ScoredBatch(NamedTuple):
                 "old_logp_known_B": lambda: np.zeros(n, bool),
                 "pred_B": lambda: np.full(n, "", object), "has_pred_B": lambda: np.zeros(n, bool),
                 "timeout_B": lambda: np.zeros(n, bool),
-                "group_B": lambda: np.arange(n, dtype=np.int64)}
+                "group_B": lambda: np.arange(n, dtype=np.int64), "version_B": lambda: np.full(n, -1, np.int32)}
     missing = [k for k in cls._fields if k not in record and k not in defaults]
     if missing:
       raise ValueError(f"carried batch in the checkpoint record lacks the fields {missing}")
@@ -149,20 +150,20 @@ class Rollouts:
     self.num_samples, self.overlong = num_samples, overlong
     self.engine = Engine(params, engine)
 
-  def __call__(self, model, rows: list[dict], rng, *, first_group: int = 0,
-               timings: dict | None = None) -> ScoredBatch:
+  def __call__(self, model, rows: list[dict], rng, *, first_group: int = 0, timings: dict | None = None,
+               version: int = 0) -> ScoredBatch:
     """`rows` carry `prompt_ids` and `answer`; their groups get ids first_group, first_group + 1, ... The
-    batch is in the rows' order."""
+    batch is in the rows' order; `version` is the weights' (`ScoredBatch.version_B`)."""
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
     requests = [Request(r["prompt_ids"], self.num_samples, first_group + i, tag=r) for i, r in enumerate(rows)]
     done = {res.request.key_id: res for res in self.engine.stream(model, requests, rng)}
     results = [done[first_group + i] for i in range(len(rows))]
     timings["timing_s/gen"] = timings.get("timing_s/gen", 0.0) + time.perf_counter() - t0
-    return self._scored(results, timings)
+    return self._scored(results, timings, version)
 
-  def stream(self, model, rows: Iterable[dict], rng, *, first_group: int = 0,
-             timings: dict | None = None) -> Iterator[ScoredBatch]:
+  def stream(self, model, rows: Iterable[dict], rng, *, first_group: int = 0, timings: dict | None = None,
+             version: int = 0) -> Iterator[ScoredBatch]:
     """Streaming: the groups of `rows` (pulled as the engine has room; a None row is "nothing yet", see
     `Engine.stream`), scored, in the rows' order: each batch
     holds the groups that complete the finished prefix after a decode chunk. The groups of a chunk are scored
@@ -191,7 +192,7 @@ class Rollouts:
         if results is None:
           return
         if results:
-          scored = self._scored(results, timings)
+          scored = self._scored(results, timings, version)
           for j, res in enumerate(results):
             held[res.request.key_id] = scored.rows(slice(j * g, (j + 1) * g))
         ready = []
@@ -206,7 +207,7 @@ class Rollouts:
         stats = self.engine.stats
         self.engine.stats = stats._replace(dropped_groups=stats.dropped_groups + len(held))
 
-  def _scored(self, results: list[GroupResult], timings: dict) -> ScoredBatch:
+  def _scored(self, results: list[GroupResult], timings: dict, version: int) -> ScoredBatch:
     t1 = time.perf_counter()
     g = self.num_samples
     out = self.engine.to_rollout(results)
@@ -229,6 +230,7 @@ class Rollouts:
         has_pred_B=np.asarray(["pred" in r for r in scores], bool),
         timeout_B=np.asarray([bool(r.get("timeout")) for r in scores], bool),
         text_B=_objects(texts), truth_B=_objects(truths),
-        group_B=np.repeat(np.asarray([res.request.key_id for res in results], np.int64), g))
+        group_B=np.repeat(np.asarray([res.request.key_id for res in results], np.int64), g),
+        version_B=np.full(n, version, np.int32))
     timings["timing_s/reward"] = timings.get("timing_s/reward", 0.0) + time.perf_counter() - t1
     return batch

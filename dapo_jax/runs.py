@@ -58,7 +58,7 @@ def load_run(workdir: str | Path, step: int | None = None):
   """(config, model, tokenizer, mesh) of a training run: its config as it ran and its newest readable
   checkpoint (or checkpoint `step`), on a mesh of this process's devices."""
   config = run_config(workdir)
-  mesh = sharding.make_mesh(dict(config.mesh))
+  mesh = sharding.make_mesh(config_lib.mesh_axes(config))
   model, tokenizer = load_policy(str(workdir), config, mesh, step=step)
   return config, model, tokenizer, mesh
 

@@ -77,6 +77,28 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
               axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
+def split_meshes(train_axes: Mapping[str, int], rollout_axes: Mapping[str, int] | None = None,
+                 rollout_devices: int = 0, devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, Mesh]:
+  """(train mesh, rollout mesh). With `rollout_devices` 0 both are one mesh of every device (`train_axes`);
+  otherwise the first rollout_devices / processes local devices of every process sample (a mesh of
+  `rollout_axes`) and the rest train, so each process holds its part of both and every transfer between
+  them stays within a process."""
+  devices = list(devices if devices is not None else jax.devices())
+  if not rollout_devices:
+    mesh = make_mesh(train_axes, devices)
+    return mesh, mesh
+  processes = sorted({d.process_index for d in devices})
+  local = {p: sorted((d for d in devices if d.process_index == p), key=lambda d: d.id) for p in processes}
+  per, rest = divmod(rollout_devices, len(processes))
+  fewest = min(len(v) for v in local.values())
+  if rest or not 0 < per < fewest:
+    raise ValueError(f"mesh.rollout_devices={rollout_devices}: must be a multiple of the {len(processes)} processes "
+                     f"that leaves each process at least one of its {fewest} devices to train on")
+  rollout = [d for p in processes for d in local[p][:per]]
+  train = [d for p in processes for d in local[p][per:]]
+  return make_mesh(train_axes, train), make_mesh(rollout_axes or {"data": -1}, rollout)
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh,
                     rules: Iterable[tuple[str, Any]] | None = None) -> P:
   """The PartitionSpec the rules give for a tensor with these logical axis names.

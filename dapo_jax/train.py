@@ -6,8 +6,9 @@
               -> loss, update   `train_step.Trainer`: behaviour (and reference) log-probs, then the mini-batch updates
               -> checkpoint     `checkpoint.Checkpointer` (weights, data position, carried groups, the step's logs)
 
-and every `eval.every` steps `evaluation.evaluate_task`. Everything a resumed run needs is in the checkpoint,
-so a killed run continues bitwise.
+and every `eval.every` steps `evaluation.evaluate_task`. The first three (`sample_batch`) run in the sampler
+(`off_policy.Sampler`): inline, or with `rollout.max_staleness` > 0 ahead of the update on a thread and the
+rollout mesh. Everything a resumed run needs is in the checkpoint, so a killed run continues bitwise.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dapo_jax import config_lib
 from dapo_jax import distributed
 from dapo_jax import memory
 from dapo_jax import metrics as metrics_lib
-from dapo_jax import sharding
+from dapo_jax import off_policy
 from dapo_jax import tasks
 from dapo_jax.advantages import group_advantages
 from dapo_jax.dynamic_sampling import GroupAccumulator, keep_groups, pad_rows
@@ -159,26 +160,63 @@ def reference_policy(trainer: Trainer, state, workdir: Path, fresh: bool):
   return ckpt_lib.restore_tree(path, state.params)
 
 
-def step_metrics(batch: ScoredBatch, sampled: list[ScoredBatch], adv_B, loss_mask_BxN, actor: dict,
-                 timings: dict) -> dict[str, float]:
-  """One step's metrics under the reference's names: rewards, advantages, lengths, the update's, timings."""
-  lengths_B = np.concatenate([s.lengths_B for s in sampled] or [np.zeros(0)])
+def step_metrics(batch: ScoredBatch, step: int, adv_B, loss_mask_BxN, actor: dict, timings: dict) -> dict[str, float]:
+  """The update's metrics under the reference's names: the trained batch's rewards, advantages, lengths, the
+  update's own, its timings, and how stale the batch's rows are (`rollout/staleness`: updates between the
+  weights that sampled a row and those it trains)."""
+  stale_B = step - batch.version_B[batch.version_B >= 0]
   metrics = {**{k: float(v) for k, v in actor.items()},
              **metrics_lib.summary("critic/score", batch.reward_B),
              **metrics_lib.token_summary("critic/advantages", adv_B, batch.mask_BxN),
              **metrics_lib.summary("response_length", batch.lengths_B),
              **metrics_lib.summary("prompt_length", batch.prompt_len_B),
              "critic/acc/mean": float(batch.acc_B.mean()),
-             # A step whose groups were all carried in (carry_over) samples nothing.
-             "rollout/acc/mean": (float(np.concatenate([s.acc_B for s in sampled]).mean()) if sampled
-                                  else float("nan")),
              "response_length/clip_ratio": float(batch.truncated_B.mean()),
              "critic/overlong_penalty/mean": float(batch.penalty_B.mean()),
-             "reward/timeouts": float(sum(int(s.timeout_B.sum()) for s in sampled)), **timings}
-  metrics["perf/gen_tokens_per_s"] = float(lengths_B.sum()) / max(timings.get("timing_s/gen", 0.0), 1e-9)
+             "rollout/staleness/mean": float(stale_B.mean()) if stale_B.size else float("nan"),
+             "rollout/staleness/max": float(stale_B.max()) if stale_B.size else float("nan"), **timings}
   metrics["perf/update_tokens_per_s"] = (float(np.sum(loss_mask_BxN)) /
                                          max(timings.get("timing_s/update_actor", 1e-9), 1e-9))
   return metrics
+
+
+def sample_batch(rollouts: Rollouts, policy, iterator, accumulator: GroupAccumulator, strategy, step: int,
+                 version: int, base_key, config, checkpointer, cancelled=lambda: False) -> off_policy.Generated:
+  """prompt -> rollout -> reward -> filter: step `step`'s batch, sampled by `policy` (weights `version`), until
+  the kept groups fill it. Group ids are unique within the run (the step, then the group's place among the
+  step's prompts); a group samples with fold_in(step's key, its id). `cancelled()` ends it early (the run is
+  stopping)."""
+  timings = {}
+  prompts = strategy.gen_batch_prompts
+  rng = jax.random.fold_in(base_key, step)
+  # With the filter off every group is kept: the batch is one generation batch, nothing to stream for.
+  if config.rollout.get("streaming", False) and strategy.enable:
+    sampled, decoded, dropped = _stream_groups(rollouts, policy, iterator, accumulator, strategy, prompts, rng, step,
+                                               version, timings, config, checkpointer, cancelled)
+  else:
+    sampled = []
+    while not accumulator.ready:
+      if cancelled():
+        raise off_policy.Cancelled
+      gen_index = len(sampled)
+      # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
+      prompt_rows = distributed.gather_list(iterator.next_batch(prompts))
+      sampled.append(rollouts(policy, prompt_rows, rng, first_group=step * 2**24 + gen_index * prompts,
+                              timings=timings, version=version))
+      _check_finite_rollout(sampled[-1], step + 1, config, checkpointer)  # before the filter reads it
+      accumulator.add(sampled[-1])
+    decoded, dropped = sum(int(s.lengths_B.sum()) for s in sampled), 0
+  batch, metrics = accumulator.take()
+  lengths_B = np.concatenate([s.lengths_B for s in sampled] or [np.zeros(0)])
+  metrics.update({
+      "train/dropped_groups": float(dropped),
+      "train/decoded_tokens_per_trained_token": decoded / max(float(batch.lengths_B.sum()), 1.0),
+      # A step whose groups were all carried in (carry_over) samples nothing.
+      "rollout/acc/mean": float(np.concatenate([s.acc_B for s in sampled]).mean()) if sampled else float("nan"),
+      "rollout/weight_version": float(version),
+      "reward/timeouts": float(sum(int(s.timeout_B.sum()) for s in sampled)),
+      "perf/gen_tokens_per_s": float(lengths_B.sum()) / max(timings.get("timing_s/gen", 0.0), 1e-9), **timings})
+  return off_policy.Generated(step, version, batch, metrics)
 
 
 def _check_workdir_config(workdir: Path, config) -> None:
@@ -222,8 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"--workdir={workdir}: URLs are not supported; give a path every process can reach (a shared "
                      f"disk, or the bucket mounted with gcsfuse, e.g. /mnt/gcs/runs/x)")
   workdir = Path(workdir).absolute()
-  mesh = sharding.make_mesh(dict(config.mesh))
-  config_lib.validate(config, mesh)  # before anything is built, compiled or written
+  mesh, rollout_mesh = config_lib.meshes(config)  # training, sampling (the same mesh unless split)
+  config_lib.validate(config, mesh, rollout_mesh)  # before anything is built, compiled or written
   _check_memory(config, mesh)
   workdir.mkdir(parents=True, exist_ok=True)
   _check_workdir_config(workdir, config)
@@ -279,11 +317,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                    "is kept), not rollout.gen_batch_size=%d", prompts, r.gen_batch_size)
     rows = r.train_batch_size * g  # the update's rows
     progress = Progress(config.total_steps, step, enabled=config.log.progress and is_main)
-    with config_lib.reward_executor(config) as executor, _Stop() as stop, jax.set_mesh(mesh):
-      rollouts = Rollouts(task.tokenizer, executor, config_lib.sampling_params(config, task.tokenizer),
-                          num_samples=g, engine=config_lib.engine_config(config), overlong=overlong)
-      # With the filter off every group is kept: the batch is one generation batch, nothing to stream for.
-      streaming = r.get("streaming", False) and strategy.enable
+    staleness = int(r.get("max_staleness", 0))
+    # The sampler scores with its own reward workers when it runs beside the trainer's evaluations.
+    sampler_executor = config_lib.reward_executor(config) if staleness else contextlib.nullcontext(None)
+    with config_lib.reward_executor(config) as executor, sampler_executor as sampler_executor, _Stop() as stop, \
+        jax.set_mesh(mesh), contextlib.ExitStack() as sampler_cleanup:
+      rollouts = Rollouts(task.tokenizer, sampler_executor or executor,
+                          config_lib.sampling_params(config, task.tokenizer), num_samples=g,
+                          engine=config_lib.engine_config(config), overlong=overlong)
+      sampler = off_policy.Sampler(
+          lambda at_step, policy, version: sample_batch(rollouts, policy, iterator, accumulator, strategy, at_step,
+                                                        version, base_key, config, checkpointer,
+                                                        lambda: sampler.cancelled),
+          threaded=staleness > 0, mesh=rollout_mesh)
+      sampler_cleanup.callback(sampler.close)
+      weight_sync = off_policy.WeightSync(trainer.graphdef, abstract.params, mesh, rollout_mesh,
+                                          concurrent=staleness > 0)
+      if restored is not None:
+        sampler.preload([off_policy.Generated.from_record(x) for x in record.get("ahead", [])])
+      # On a threaded sampler's side of several processes, the trainer's host exchanges get a channel too.
+      trainer_channel = distributed.channel("trainer") if staleness and jax.process_count() > 1 else \
+          contextlib.nullcontext()
+      sampler_cleanup.enter_context(trainer_channel)
 
       def evaluate(at_step):
         return evaluate_task(trainer.model(state), task, config, jax.random.fold_in(base_key, 10**9 + at_step),
@@ -298,29 +353,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       while step < config.total_steps and not stopping:
         timings = {}
         t_step = time.perf_counter()
-        policy = trainer.model(state)
 
-        # prompt -> rollout -> reward -> filter: until the kept groups fill the batch. Group ids are unique
-        # within the run (the step, then the group's place among the step's prompts); a group samples with
-        # fold_in(step's key, its id).
-        sampled = []
-        rng = jax.random.fold_in(base_key, step)
-        if streaming:
-          sampled, decoded, dropped = _stream_groups(rollouts, policy, iterator, accumulator, strategy, prompts,
-                                                     rng, step, timings, config, checkpointer)
-        else:
-          while not accumulator.ready:
-            gen_index = len(sampled)
-            # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
-            prompt_rows = distributed.gather_list(iterator.next_batch(prompts))
-            sampled.append(rollouts(policy, prompt_rows, rng, first_group=step * 2**24 + gen_index * prompts,
-                                    timings=timings))
-            _check_finite_rollout(sampled[-1], step + 1, config, checkpointer)  # before the filter reads it
-            accumulator.add(sampled[-1])
-          decoded, dropped = sum(int(s.lengths_B.sum()) for s in sampled), 0
-        batch, ds_metrics = accumulator.take()
-        ds_metrics["train/dropped_groups"] = float(dropped)
-        ds_metrics["train/decoded_tokens_per_trained_token"] = decoded / max(float(batch.lengths_B.sum()), 1.0)
+        # The sampler gets these weights for the batches they sample (step + staleness; at the start of a run
+        # also the ones before it), and this step's batch is taken as soon as it is ready.
+        policy = None
+        for ahead in range(step, min(step + staleness, config.total_steps - 1) + 1):
+          if sampler.has(ahead):
+            continue
+          if off_policy.version_for(ahead, staleness) != step:
+            # A checkpoint of a run that had ended (a longer run continues it) holds no batches beyond its end.
+            logging.warning("step %d's batch is sampled with the weights of step %d (the checkpoint holds no batch "
+                            "sampled ahead for it)", ahead, step)
+          policy = policy or weight_sync(state.params, timings)
+          sampler.submit(ahead, policy, version=step)
+        generated = sampler.result(step, timings)
+        batch, ds_metrics = generated.batch, dict(generated.metrics)
 
         # advantage, and the loss mask of overlong filtering
         with _timed(timings, "adv"):
@@ -334,8 +381,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           with _timed(timings, "old_log_prob"):
             sharded, diff = behaviour_logprobs(trainer, state.params, sharded, batch, layout, rows)
             ds_metrics.update(distributed.to_host(diff))
-            # The groups carried into the next step get theirs now, while these weights exist.
-            accumulator.compute_carried_logprobs(_carried_logprobs_fn(trainer, state.params, rows), rows)
+            if not staleness:
+              # The groups carried into the next step get theirs now, while these weights exist (sampled ahead,
+              # they are sampled by older weights: their old log-probs are their own step's, as every row's).
+              accumulator.compute_carried_logprobs(_carried_logprobs_fn(trainer, state.params, rows), rows)
         if correction.enabled:
           with _timed(timings, "rollout_corr"):
             sharded, layout, corr_metrics = corrected_batch(trainer, correction, host_batch, sharded, layout)
@@ -350,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           actor = distributed.to_host(actor)
         step += 1
         _check_finite_update(actor, step, config, checkpointer)  # before this step's state is saved
-        metrics = {**ds_metrics, **step_metrics(batch, sampled, adv_B, loss_mask_BxN, actor, timings)}
+        metrics = {**ds_metrics, **step_metrics(batch, step - 1, adv_B, loss_mask_BxN, actor, timings)}
 
         if config.eval.every and (step % config.eval.every == 0 or step == config.total_steps):
           with _timed(metrics, "testing"):
@@ -370,8 +419,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           log = {"metrics": json.dumps({**row, "timing_s/step": time.perf_counter() - t_step}),
                  "samples": sample_lines}
           with _timed(metrics, "save_checkpoint"):
-            checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state(), "log": log},
-                              wait=stopping)
+            # The batches sampled ahead first: the data position and the carry are those after them.
+            ahead = [x.to_record() for x in sampler.pending()]
+            checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state(), "ahead": ahead,
+                                            "log": log}, wait=stopping)
         metrics["timing_s/step"] = time.perf_counter() - t_step
         writer.write(step, metrics)
         if is_main and sample_lines:
@@ -386,7 +437,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _stream_groups(rollouts: Rollouts, policy, iterator, accumulator: GroupAccumulator, strategy, prompts: int,
-                   rng, step: int, timings: dict, config, checkpointer) -> tuple[list[ScoredBatch], int, int]:
+                   rng, step: int, version: int, timings: dict, config, checkpointer, cancelled
+                   ) -> tuple[list[ScoredBatch], int, int]:
   """Streaming dynamic sampling: the engine pulls prompts (generation batches of `prompts`, at most
   `max_num_gen_batches` of them; the next one as soon as the groups kept and in flight cannot fill the batch)
   as its slots free up; finished groups are scored while decoding goes on and reach the filter in prompt
@@ -408,9 +460,11 @@ def _stream_groups(rollouts: Rollouts, policy, iterator, accumulator: GroupAccum
       # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
       yield from distributed.gather_list(iterator.next_batch(prompts))
 
-  stream = rollouts.stream(policy, prompt_rows(), rng, first_group=step * 2**24, timings=timings)
+  stream = rollouts.stream(policy, prompt_rows(), rng, first_group=step * 2**24, timings=timings, version=version)
   try:
     for part in stream:
+      if cancelled():
+        raise off_policy.Cancelled
       sampled.append(part)
       _check_finite_rollout(part, step + 1, config, checkpointer)  # before the filter reads it
       kept_before = accumulator.kept_groups

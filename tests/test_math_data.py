@@ -286,7 +286,7 @@ def test_training_on_the_copies_still_evaluates_each_problem_once(tmp_path, tiny
 def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_policy, caplog):
   import jax
   from configs import default as default_config
-  from dapo_jax import evaluation, runs, sharding
+  from dapo_jax import config_lib, evaluation, runs, sharding
   from dapo_jax.train import train_and_evaluate
   c = default_config.get_config()
   c.data.name, c.data.dir = "math", str(tmp_path / "cache")
@@ -308,7 +308,7 @@ def test_dapo_steps_on_gsm8k_then_evaluate_the_checkpoint(tmp_path, tiny_hf_poli
   train_and_evaluate(c, str(workdir))
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2] and rows[-1]["train/num_gen_batches"] == 1.0
-  mesh = sharding.make_mesh(dict(c.mesh))
+  mesh = sharding.make_mesh(config_lib.mesh_axes(c))
   model, tok = runs.load_policy(str(workdir), c, mesh)
   eval_rows = runs.eval_rows_for("gsm8k", c, tok)[:3]
   with caplog.at_level(logging.WARNING):

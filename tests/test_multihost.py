@@ -8,6 +8,10 @@ otherwise), so parameters agree to float32 rounding, not bitwise (1.5e-8 apart a
 sampled, scored and kept is identical while that holds. Rounding apart is not enough forever: at the third
 step here a near tie in sampling went the other way and the rollouts differed; from then on the two are
 different runs, so the comparison stops at two steps.
+
+The off-policy run splits the devices within each process (one samples, one trains, staleness 1): the sampler's
+thread and the trainer exchange host data on channels of their own and move weights device to device within
+each process; 2 x 2 trains as 1 x 4 split the same way.
 """
 
 import json
@@ -37,6 +41,17 @@ def _single(config, workdir):
   return out.stdout
 
 
+def _multi(config, workdir, logs):
+  env = dict(_env(2), NUM_PROCESSES="2", DEVICES_PER_PROC="2", PYTHON=sys.executable, LOG_DIR=str(logs))
+  # --verbosity=1: each process's start-up line (INFO, hidden by default) says how it joined.
+  out = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), *_flags(config, workdir),
+                        "--verbosity=1"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  text = "".join((logs / f"proc_{i}.log").read_text() for i in range(2) if (logs / f"proc_{i}.log").is_file())
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + text[-4000:]
+  return text
+
+
 def _metrics(workdir):
   return {r["step"]: r for r in map(json.loads, (Path(workdir) / "metrics.jsonl").read_text().splitlines())}
 
@@ -47,18 +62,16 @@ def runs(tmp_path_factory, data_dir):
   config = tiny_config(data_dir, total_steps=0, **{"eval.every": STEPS, "eval.before_train": False,
                                                     "checkpoint.asynchronous": False})
   _single(config, tmp / "start")  # the warm start and checkpoint 0
-  for name in ("one", "two"):
+  for name in ("one", "two", "split_one", "split_two"):
     shutil.copytree(tmp / "start", tmp / name)
   config.total_steps = STEPS
   _single(config, tmp / "one")
-  env = dict(_env(2), NUM_PROCESSES="2", DEVICES_PER_PROC="2", PYTHON=sys.executable, LOG_DIR=str(tmp / "logs"))
-  # --verbosity=1: each process's start-up line (INFO, hidden by default) says how it joined.
-  out = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), *_flags(config, tmp / "two"),
-                        "--verbosity=1"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  logs = "".join((tmp / "logs" / f"proc_{i}.log").read_text() for i in range(2) if
-                 (tmp / "logs" / f"proc_{i}.log").is_file())
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs[-4000:]
+  logs = _multi(config, tmp / "two", tmp / "logs")
+  split = tiny_config(data_dir, total_steps=STEPS, **{
+      "eval.every": STEPS, "eval.before_train": False, "checkpoint.asynchronous": False, "reward.workers": 1,
+      "rollout.max_staleness": 1, "mesh.rollout_devices": 2, "allow_different_config": True})
+  _single(split, tmp / "split_one")
+  _multi(split, tmp / "split_two", tmp / "split_logs")
   return tmp, logs
 
 
@@ -75,6 +88,23 @@ def test_two_processes_train_like_one(runs):
       np.testing.assert_allclose(one[step][key], two[step][key], rtol=1e-4, atol=1e-6, err_msg=f"{step} {key}")
   assert one[STEPS]["val/acc/mean"] == two[STEPS]["val/acc/mean"]
   for a, b in zip(_final_params(tmp / "one", STEPS), _final_params(tmp / "two", STEPS), strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
+
+
+def test_two_processes_train_off_policy_on_split_devices_like_one(runs):
+  tmp, _ = runs
+  one, two = _metrics(tmp / "split_one"), _metrics(tmp / "split_two")
+  assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+  assert [one[s]["rollout/weight_version"] for s in one] == [0.0, 0.0]  # steps 0 and 1 both sample version 0
+  assert [one[s]["rollout/staleness/max"] for s in one] == [0.0, 1.0]
+  for step in one:
+    for key in ("train/num_gen_batches", "critic/acc/mean", "rollout/acc/mean", "response_length/mean",
+                "rollout/weight_version"):
+      assert one[step][key] == two[step][key], (step, key)
+    for key in ("actor/pg_loss", "actor/grad_norm"):
+      np.testing.assert_allclose(one[step][key], two[step][key], rtol=1e-4, atol=1e-6, err_msg=f"{step} {key}")
+  assert one[1]["timing_s/sync_weights"] > 0 and two[1]["timing_s/sync_weights"] > 0  # none after the last
+  for a, b in zip(_final_params(tmp / "split_one", STEPS), _final_params(tmp / "split_two", STEPS), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-6)
 
 
