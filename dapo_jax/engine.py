@@ -76,12 +76,28 @@ class EngineConfig:
 class Request(NamedTuple):
   """A prompt group: `num_samples` responses to `prompt_ids`, each of at most `max_new_tokens` tokens (None:
   the engine's budget). `key_id` picks the group's randomness (fold_in(rng, key_id)); `tag` comes back in
-  its result."""
+  its result.
+
+  A response continued from tokens sampled earlier (a partial rollout, `Engine.unfinished`) is a request whose
+  prompt ends with them: `first_sample` is its row's sample index and `first_token` how many tokens it had,
+  so its next token is drawn as token `first_token` of sample `first_sample` would have been."""
   prompt_ids: Sequence[int]
   num_samples: int
   key_id: int
   max_new_tokens: int | None = None
   tag: object = None
+  first_sample: int = 0
+  first_token: int = 0
+
+
+class Unfinished(NamedTuple):
+  """A group still decoding when its stream was closed: per row, the tokens sampled so far and their
+  log-probs, and whether the row had finished (then `truncated` says how)."""
+  request: Request
+  tokens: list[np.ndarray]
+  logprobs: list[np.ndarray]
+  done: np.ndarray
+  truncated: np.ndarray
 
 
 class GroupResult(NamedTuple):
@@ -132,6 +148,7 @@ class _Slots(NamedTuple):
   budget_S: jax.Array  # int32
   key_id_S: jax.Array  # uint32: its request's key id (mod 2**32)
   sample_S: jax.Array  # int32: which of its request's samples it is
+  token0_S: jax.Array  # int32: the index its request's first new token has in its sample (a continued response)
   live_S: jax.Array  # bool: decoding
   fresh_S: jax.Array  # bool: admitted since the last chunk (its logits are its prompt's)
   start_S: jax.Array  # int32: the ring column of its first generated token
@@ -272,7 +289,7 @@ def _decode_chunk(graphdef, state, rng, cache, logits_SxV, prompt_logits_RxV, sl
     uniform_CxS = jnp.zeros((1, s_count), jnp.float32)
   else:
     draw = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t), ()))
-    uniform_CxS = jax.vmap(lambda i: draw(keys_S, slots.generated_S + i))(jnp.arange(steps))
+    uniform_CxS = jax.vmap(lambda i: draw(keys_S, slots.token0_S + slots.generated_S + i))(jnp.arange(steps))
 
   def body(c):
     i, logits_SxV, gen_S, live_S, tokens_SxN, logps_SxN, cache = c
@@ -503,10 +520,18 @@ class Engine:
     graphdef, state = nnx.split(model) if isinstance(model, Transformer) else model
     cfg = nnx.merge(graphdef, state).cfg if isinstance(model, tuple) else model.cfg
     run = _Run(self, graphdef, state, cfg, iter(requests), rng)
+    self._last_run = run
     try:
       yield from run.loop()
     finally:
       self.stats = run.stats()
+
+  def unfinished(self) -> list[Unfinished]:
+    """The groups the last stream left unfinished when it was closed, in the order they were taken from the
+    source: those decoding (each row as far as the host had read it: a chunk still running when the stream
+    closed counts for nothing), prefilled or pulled and waiting. Read after the stream's generator is closed."""
+    run = getattr(self, "_last_run", None)
+    return [] if run is None else run.unfinished()
 
 
 class _Run:
@@ -536,7 +561,7 @@ class _Run:
     s = c.slots
     self.host = dict(prompt_row=np.zeros(s, np.int32), generated=np.zeros(s, np.int32),
                      budget=np.ones(s, np.int32), key_id=np.zeros(s, np.uint32), sample=np.zeros(s, np.int32),
-                     live=np.zeros(s, bool),
+                     token0=np.zeros(s, np.int32), live=np.zeros(s, bool),
                      fresh=np.zeros(s, bool), start=np.zeros(s, np.int32))
     self.clock = np.zeros(self.shards, np.int64)  # decode steps run, per shard: the ring column is clock % ring
     self.started = False  # device state is made with the first prefill (its group size and prompt width)
@@ -789,7 +814,8 @@ class _Run:
         h["generated"][slot] = 0
         h["budget"][slot] = p.budget
         h["key_id"][slot] = p.request.key_id % 2**32
-        h["sample"][slot] = j
+        h["sample"][slot] = p.request.first_sample + j
+        h["token0"][slot] = p.request.first_token
         h["live"][slot] = True
         h["fresh"][slot] = True
         h["start"][slot] = self.clock[sh] % self.ring
@@ -865,6 +891,32 @@ class _Run:
         self.counts["queued_useful_steps"] += made
       h["generated"], h["live"], h["fresh"][:] = gen, live, False
       ready = self._collect(np.flatnonzero(before_live & ~live), gen)
+
+  def unfinished(self) -> list[Unfinished]:
+    out = []
+    tokens = logps = None
+    if any(p.slots for p in self.in_flight.values()):
+      tokens, logps = (np.asarray(x) for x in distributed.to_host(tuple(self.tokens)))
+    for p in sorted(self.in_flight.values(), key=lambda p: p.index):
+      g = p.request.num_samples
+      rows_t, rows_l = [], []
+      for j in range(g):
+        if p.tokens[j] is not None:
+          rows_t.append(p.tokens[j])
+          rows_l.append(p.logprobs[j])
+          continue
+        slot = next((p.shard * self.slots + local for local in p.slots
+                     if self.slot_row[p.shard * self.slots + local] == j), None)
+        n = 0 if slot is None else int(self.host["generated"][slot])
+        rows_t.append(np.zeros(0, np.int32) if slot is None else tokens[slot, :n].copy())
+        rows_l.append(np.zeros(0, np.float32) if slot is None else logps[slot, :n].copy())
+      done = np.asarray([t is not None for t in p.tokens], bool)
+      out.append(Unfinished(p.request, rows_t, rows_l, done, p.truncated.copy()))
+    if self.peeked is not None:
+      r = self.peeked
+      out.append(Unfinished(r, [np.zeros(0, np.int32)] * r.num_samples, [np.zeros(0, np.float32)] * r.num_samples,
+                            np.zeros(r.num_samples, bool), np.zeros(r.num_samples, bool)))
+    return out
 
   def _collect(self, finished, gen) -> list[GroupResult]:
     """Frees the slots whose rows stopped; returns the groups that are now complete, in admission order."""

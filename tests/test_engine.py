@@ -166,3 +166,41 @@ def test_bad_requests_and_configs_are_named(model):
     EngineConfig(slots=0)
   with pytest.raises(ValueError, match=r"rollout.engine.refill_fraction: must be in \(0, 1\], got 0.0"):
     EngineConfig(refill_fraction=0.0)
+
+
+def test_unfinished_groups_continue_where_they_stopped(model):
+  """A closed stream's groups in flight (`Engine.unfinished`), each row continued from its tokens as a request
+  of its own (prompt + tokens, `first_sample` / `first_token`), give what the stream would have: the same
+  tokens, log-probs to rounding (the continued tokens are prefilled, not decoded)."""
+  params = SamplingParams(max_new_tokens=24, temperature=1.0, stop_ids=STOPS)
+  reqs = requests(n=12, seed=4, samples=3)
+  config = EngineConfig(slots=8, steps_per_chunk=4, page_size=8)
+  eng = Engine(params, config)
+  stream = eng.stream(model, iter(reqs), jax.random.key(0))
+  first = {g.request.tag: g for g in (next(stream) for _ in range(3))}
+  stream.close()
+  left = eng.unfinished()
+  assert [u.request.tag for u in left] == sorted(u.request.tag for u in left)  # in the source's order
+  assert any(u.done.any() and not u.done.all() for u in left)  # some rows of a group finished, some not
+  assert any(0 < len(t) for u in left for t, d in zip(u.tokens, u.done) if not d)  # rows cut mid-response
+  assert not set(first) & {u.request.tag for u in left}
+  more = [Request(list(u.request.prompt_ids) + u.tokens[j].tolist(), 1, u.request.key_id,
+                  u.request.max_new_tokens - len(u.tokens[j]), tag=(u.request.tag, j), first_sample=j,
+                  first_token=len(u.tokens[j]))
+          for u in left for j in range(u.request.num_samples) if not u.done[j]]
+  rest, _ = run(model, more, params, config)
+  full, _ = run(model, reqs, params, config)
+  for u in left:
+    for j in range(u.request.num_samples):
+      want_t, want_l = full[u.request.tag].tokens[j], full[u.request.tag].logprobs[j]
+      if u.done[j]:
+        got_t, got_l, trunc = u.tokens[j], u.logprobs[j], u.truncated[j]
+      else:
+        r = rest[(u.request.tag, j)]
+        got_t, got_l = np.concatenate([u.tokens[j], r.tokens[0]]), np.concatenate([u.logprobs[j], r.logprobs[0]])
+        trunc = r.truncated[0]
+      np.testing.assert_array_equal(got_t, want_t)
+      np.testing.assert_allclose(got_l, want_l, atol=1e-5)
+      assert trunc == full[u.request.tag].truncated[j]
+  # Every group is accounted for: finished, or left for later; none is lost.
+  assert {u.request.tag for u in left} | set(first) == set(range(len(first) + len(left)))
