@@ -70,6 +70,9 @@ def get_config(arg=None):
   # max_staleness: the batch of step t is sampled with the weights of step t - k, on a thread beside the update
   # (dapo_jax/off_policy.py); 0 is the synchronous run.
   c.rollout.max_staleness = 0
+  # partial_rollouts: the groups still decoding when a streaming step's batch fills continue in the next step
+  # with its weights (each token keeps its log-prob and version) instead of being dropped and sampled again.
+  c.rollout.partial_rollouts = False
   # The rollout engine (dapo_jax/engine.py): rows decoding at once (the KV cache's memory budget), tokens per
   # page, decode steps per jitted chunk; see engine.EngineConfig for the rest.
   c.rollout.engine = ml_collections.ConfigDict(

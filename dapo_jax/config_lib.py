@@ -166,6 +166,9 @@ def validate(config, mesh=None, rollout_mesh=None) -> None:
     _fail("reward.workers", "0 scores on the main thread (under its alarm), but with rollout.max_staleness > 0 "
           "responses are scored on the sampler's thread; use --config.reward.workers=1 or more")
   _positive_int(config, "mesh.rollout_devices", zero_ok=True, note=" (0: sample on the training devices)")
+  if r.get("partial_rollouts", False) and not (r.get("streaming", False) and config.dynamic_sampling.enable):
+    _fail("rollout.partial_rollouts", "continues the groups a streaming step leaves unfinished: it needs "
+          "rollout.streaming=True and dynamic_sampling.enable=True")
   if not config.reward.timeout_s > 0:
     _fail("reward.timeout_s", f"must be > 0 seconds (the per-item scoring limit), got {config.reward.timeout_s}")
   if not config.reward.get("kill_after_s", 5.0) > 0:

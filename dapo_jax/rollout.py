@@ -20,7 +20,7 @@ import numpy as np
 
 from dapo_jax import distributed
 from dapo_jax.rewards import OverlongShaping, RewardExecutor
-from dapo_jax.engine import Engine, EngineConfig, GroupResult, Request
+from dapo_jax.engine import Engine, EngineConfig, EngineStats, GroupResult, Request, Unfinished
 from dapo_jax.sampling import SamplingParams
 from dapo_jax.tokenizer import Tokenizer
 
@@ -74,7 +74,7 @@ class ScoredBatch(NamedTuple):
   text_B: np.ndarray  # object (str): the decoded response
   truth_B: np.ndarray  # object: the ground truth
   group_B: np.ndarray  # int64, the prompt group's id (unique within a run)
-  version_B: np.ndarray  # int32, the weights that sampled it: their number of updates (-1: not recorded)
+  version_BxN: np.ndarray  # int32, the weights that sampled each token: their number of updates (-1: none)
 
   @property
   def num_rows(self) -> int:
@@ -120,7 +120,7 @@ class ScoredBatch(NamedTuple):
                 "old_logp_known_B": lambda: np.zeros(n, bool),
                 "pred_B": lambda: np.full(n, "", object), "has_pred_B": lambda: np.zeros(n, bool),
                 "timeout_B": lambda: np.zeros(n, bool),
-                "group_B": lambda: np.arange(n, dtype=np.int64), "version_B": lambda: np.full(n, -1, np.int32)}
+                "group_B": lambda: np.arange(n, dtype=np.int64), "version_BxN": lambda: np.full(np.shape(record["tokens_BxN"]), -1, np.int32)}
     missing = [k for k in cls._fields if k not in record and k not in defaults]
     if missing:
       raise ValueError(f"carried batch in the checkpoint record lacks the fields {missing}")
@@ -149,65 +149,118 @@ class Rollouts:
     self.tokenizer, self.executor, self.params = tokenizer, executor, params
     self.num_samples, self.overlong = num_samples, overlong
     self.engine = Engine(params, engine)
+    self.unfinished: list[PartialGroup] = []  # what the last stream left (see `stream`)
 
   def __call__(self, model, rows: list[dict], rng, *, first_group: int = 0, timings: dict | None = None,
                version: int = 0) -> ScoredBatch:
     """`rows` carry `prompt_ids` and `answer`; their groups get ids first_group, first_group + 1, ... The
-    batch is in the rows' order; `version` is the weights' (`ScoredBatch.version_B`)."""
+    batch is in the rows' order; `version` is the weights' (`ScoredBatch.version_BxN`)."""
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
     requests = [Request(r["prompt_ids"], self.num_samples, first_group + i, tag=r) for i, r in enumerate(rows)]
     done = {res.request.key_id: res for res in self.engine.stream(model, requests, rng)}
     results = [done[first_group + i] for i in range(len(rows))]
     timings["timing_s/gen"] = timings.get("timing_s/gen", 0.0) + time.perf_counter() - t0
-    return self._scored(results, timings, version)
+    return self._scored(results, timings, [[np.full(len(t), version, np.int32) for t in r.tokens]
+                                            for r in results])
 
   def stream(self, model, rows: Iterable[dict], rng, *, first_group: int = 0, timings: dict | None = None,
-             version: int = 0) -> Iterator[ScoredBatch]:
+             version: int = 0, carried: Sequence["PartialGroup"] = ()) -> Iterator[ScoredBatch]:
     """Streaming: the groups of `rows` (pulled as the engine has room; a None row is "nothing yet", see
-    `Engine.stream`), scored, in the rows' order: each batch
-    holds the groups that complete the finished prefix after a decode chunk. The groups of a chunk are scored
-    while the engine decodes the next, and held until the groups before them have finished, so a consumer
-    sees the groups in the order sampling whole generation batches would (no bias towards short responses).
-    Closing the generator stops decoding (`self.engine.stats` counts the groups dropped, held ones included)."""
+    `Engine.stream`), scored, in the rows' order: each batch holds the groups that complete the finished
+    prefix after a decode chunk. The groups of a chunk are scored while the engine decodes the next, and held
+    until the groups before them have finished, so a consumer sees the groups in the order sampling whole
+    generation batches would (no bias towards short responses).
+
+    `carried`: groups an earlier stream left unfinished (partial rollouts), first in the order: their rows
+    continue from the tokens they have, with these weights (`version`), and keep the log-probs and versions
+    of the tokens sampled before. Closing the generator stops decoding; what it leaves unfinished, held
+    groups included, is `self.unfinished` afterwards (`self.engine.stats` counts it as dropped)."""
     timings = {} if timings is None else timings
     g = self.num_samples
+    groups = {order: _Group.of(pg) for order, pg in enumerate(carried)}  # by place in the order, until delivered
+    budget = self.params.max_new_tokens
+
     def requests():
+      for order, pg in enumerate(carried):
+        for j in np.flatnonzero(~pg.done):
+          n = len(pg.tokens[j])
+          yield Request(list(pg.row["prompt_ids"]) + pg.tokens[j].tolist(), 1, pg.key_id, budget - n,
+                        tag=(order, int(j)), first_sample=int(j), first_token=n)
+      order = len(carried)
       i = first_group
       for r in rows:
         if r is None:  # nothing yet (see `Engine.stream`)
           yield None
           continue
-        yield Request(r["prompt_ids"], g, i, tag=r)
-        i += 1
+        groups[order] = _Group.new(r, i, g)
+        yield Request(r["prompt_ids"], g, i, tag=(order, None))
+        i, order = i + 1, order + 1
 
-    chunks = self.engine.stream_chunks(model, requests(), rng)
+    def complete(results) -> list[int]:
+      """Adds the engine's results to their groups; the places of the groups now complete."""
+      out = []
+      for res in results:
+        order, j = res.request.tag
+        group = groups[order]
+        for k, (t, lp) in enumerate(zip(res.tokens, res.logprobs)):
+          group.extend(k if j is None else j, t, lp, version)
+          group.finish(k if j is None else j, res.truncated[k])
+        if group.done.all():
+          out.append(order)
+      return out
+
     held: dict[int, ScoredBatch] = {}
-    next_group = first_group
+    next_order = 0
+
+    def score(orders: list[int]):
+      if orders:
+        batch = self._scored([groups[o].result() for o in orders], timings, [groups[o].versions for o in orders])
+        for i, o in enumerate(orders):
+          held[o] = batch.rows(slice(i * g, (i + 1) * g))
+
+    self.unfinished = []
+    chunks = self.engine.stream_chunks(model, requests(), rng)
+    started = False
     try:
+      # Carried groups that had finished need no decoding: they are scored now, and delivered in their turn.
+      score([o for o, pg in enumerate(carried) if pg.done.all()])
       while True:
+        ready = []
+        while next_order in held:
+          ready.append(held.pop(next_order))
+          groups.pop(next_order)
+          next_order += 1
+        if ready:
+          yield ScoredBatch.concat(ready)
         t0 = time.perf_counter()
+        started = True
         results = next(chunks, None)
         timings["timing_s/gen"] = timings.get("timing_s/gen", 0.0) + time.perf_counter() - t0
         if results is None:
           return
-        if results:
-          scored = self._scored(results, timings, version)
-          for j, res in enumerate(results):
-            held[res.request.key_id] = scored.rows(slice(j * g, (j + 1) * g))
-        ready = []
-        while next_group in held:
-          ready.append(held.pop(next_group))
-          next_group += 1
-        if ready:
-          yield ScoredBatch.concat(ready)
+        score(complete(results))
     finally:
       chunks.close()  # the engine's stats are final once the stream is
-      if held:
-        stats = self.engine.stats
-        self.engine.stats = stats._replace(dropped_groups=stats.dropped_groups + len(held))
+      if not started:
+        self.engine.stats = EngineStats(0, 0, 0, 0, 0, 0)
+      stats = self.engine.stats
+      self.engine.stats = stats._replace(dropped_groups=stats.dropped_groups + len(held))
+      self.unfinished = self._unfinished(groups, self.engine.unfinished() if started else [], version)
 
-  def _scored(self, results: list[GroupResult], timings: dict, version: int) -> ScoredBatch:
+  def _unfinished(self, groups: dict[int, "_Group"], left: list[Unfinished], version: int) -> list["PartialGroup"]:
+    """The groups not delivered, in order, with the tokens the engine had sampled for their rows."""
+    for u in left:
+      order, j = u.request.tag
+      for k in range(u.request.num_samples):
+        row = k if j is None else j
+        groups[order].extend(row, u.tokens[k], u.logprobs[k], version)
+        if u.done[k]:
+          groups[order].finish(row, u.truncated[k])
+    return [groups[o].partial() for o in sorted(groups)]
+
+  def _scored(self, results: list[GroupResult], timings: dict, versions: list[list[np.ndarray]]) -> ScoredBatch:
+    """The groups' rows scored; `versions`: per group, per row, the weight version of each token."""
     t1 = time.perf_counter()
     g = self.num_samples
     out = self.engine.to_rollout(results)
@@ -231,6 +284,71 @@ class Rollouts:
         timeout_B=np.asarray([bool(r.get("timeout")) for r in scores], bool),
         text_B=_objects(texts), truth_B=_objects(truths),
         group_B=np.repeat(np.asarray([res.request.key_id for res in results], np.int64), g),
-        version_B=np.full(n, version, np.int32))
+        version_BxN=_versions(versions, tokens.shape))
     timings["timing_s/reward"] = timings.get("timing_s/reward", 0.0) + time.perf_counter() - t1
     return batch
+
+
+def _versions(versions: list[list[np.ndarray]], shape) -> np.ndarray:
+  out = np.full(shape, -1, np.int32)
+  for i, v in enumerate(row for group in versions for row in group):
+    out[i, :len(v)] = v
+  return out
+
+
+class PartialGroup(NamedTuple):
+  """A prompt group a closed stream left unfinished (`Rollouts.unfinished`), to continue in a later stream
+  (partial rollouts): its prompt row and group id, and per row the tokens sampled so far with their log-probs
+  and weight versions, whether it finished, and whether at its budget."""
+  row: dict
+  key_id: int
+  tokens: list[np.ndarray]
+  logprobs: list[np.ndarray]
+  versions: list[np.ndarray]
+  done: np.ndarray
+  truncated: np.ndarray
+
+  def to_record(self) -> dict[str, Any]:
+    return {"row": self.row, "key_id": self.key_id, "tokens": list(self.tokens), "logprobs": list(self.logprobs),
+            "versions": list(self.versions), "done": self.done, "truncated": self.truncated}
+
+  @classmethod
+  def from_record(cls, record: dict[str, Any]) -> "PartialGroup":
+    row = dict(record["row"])
+    return cls(row, int(record["key_id"]), [np.asarray(t, np.int32) for t in record["tokens"]],
+               [np.asarray(x, np.float32) for x in record["logprobs"]],
+               [np.asarray(v, np.int32) for v in record["versions"]], np.asarray(record["done"], bool),
+               np.asarray(record["truncated"], bool))
+
+
+class _Group:
+  """A group being put together from the engine's results (a carried one continues from its rows' tokens)."""
+
+  def __init__(self, row: dict, key_id: int, tokens, logprobs, versions, done, truncated):
+    self.row, self.key_id = row, key_id
+    self.tokens, self.logprobs, self.versions = list(tokens), list(logprobs), list(versions)
+    self.done, self.truncated = np.array(done, bool), np.array(truncated, bool)
+
+  @classmethod
+  def new(cls, row: dict, key_id: int, g: int) -> "_Group":
+    return cls(row, key_id, [np.zeros(0, np.int32)] * g, [np.zeros(0, np.float32)] * g,
+               [np.zeros(0, np.int32)] * g, np.zeros(g, bool), np.zeros(g, bool))
+
+  @classmethod
+  def of(cls, pg: PartialGroup) -> "_Group":
+    return cls(pg.row, pg.key_id, pg.tokens, pg.logprobs, pg.versions, pg.done, pg.truncated)
+
+  def extend(self, j: int, tokens, logprobs, version: int):
+    self.tokens[j] = np.concatenate([self.tokens[j], np.asarray(tokens, np.int32)])
+    self.logprobs[j] = np.concatenate([self.logprobs[j], np.asarray(logprobs, np.float32)])
+    self.versions[j] = np.concatenate([self.versions[j], np.full(len(tokens), version, np.int32)])
+
+  def finish(self, j: int, truncated: bool):
+    self.done[j], self.truncated[j] = True, bool(truncated)
+
+  def result(self) -> GroupResult:
+    return GroupResult(Request(self.row["prompt_ids"], len(self.tokens), self.key_id, tag=self.row), self.tokens,
+                       self.logprobs, self.truncated)
+
+  def partial(self) -> PartialGroup:
+    return PartialGroup(self.row, self.key_id, self.tokens, self.logprobs, self.versions, self.done, self.truncated)

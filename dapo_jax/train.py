@@ -37,7 +37,7 @@ from dapo_jax.advantages import group_advantages
 from dapo_jax.dynamic_sampling import GroupAccumulator, keep_groups, pad_rows
 from dapo_jax.evaluation import evaluate_task
 from dapo_jax.metrics import MetricWriter, Progress, plot_run, read_metrics, read_samples
-from dapo_jax.rollout import Rollouts, ScoredBatch
+from dapo_jax.rollout import PartialGroup, Rollouts, ScoredBatch
 from dapo_jax.rollout_correction import RolloutCorrection
 from dapo_jax.train_step import Batch, NonFiniteError, Trainer
 
@@ -162,9 +162,10 @@ def reference_policy(trainer: Trainer, state, workdir: Path, fresh: bool):
 
 def step_metrics(batch: ScoredBatch, step: int, adv_B, loss_mask_BxN, actor: dict, timings: dict) -> dict[str, float]:
   """The update's metrics under the reference's names: the trained batch's rewards, advantages, lengths, the
-  update's own, its timings, and how stale the batch's rows are (`rollout/staleness`: updates between the
-  weights that sampled a row and those it trains)."""
-  stale_B = step - batch.version_B[batch.version_B >= 0]
+  update's own, its timings, and how stale its tokens are (`rollout/staleness`: updates between the weights
+  that sampled a token and those it trains; `rollout/tokens_at_staleness_k`: the batch's tokens by it)."""
+  known_BxN = batch.mask_BxN & (batch.version_BxN >= 0)
+  stale_T = step - batch.version_BxN[known_BxN]
   metrics = {**{k: float(v) for k, v in actor.items()},
              **metrics_lib.summary("critic/score", batch.reward_B),
              **metrics_lib.token_summary("critic/advantages", adv_B, batch.mask_BxN),
@@ -173,8 +174,9 @@ def step_metrics(batch: ScoredBatch, step: int, adv_B, loss_mask_BxN, actor: dic
              "critic/acc/mean": float(batch.acc_B.mean()),
              "response_length/clip_ratio": float(batch.truncated_B.mean()),
              "critic/overlong_penalty/mean": float(batch.penalty_B.mean()),
-             "rollout/staleness/mean": float(stale_B.mean()) if stale_B.size else float("nan"),
-             "rollout/staleness/max": float(stale_B.max()) if stale_B.size else float("nan"), **timings}
+             "rollout/staleness/mean": float(stale_T.mean()) if stale_T.size else float("nan"),
+             "rollout/staleness/max": float(stale_T.max()) if stale_T.size else float("nan"),
+             **{f"rollout/tokens_at_staleness_{k}": float(n) for k, n in enumerate(np.bincount(stale_T))}, **timings}
   metrics["perf/update_tokens_per_s"] = (float(np.sum(loss_mask_BxN)) /
                                          max(timings.get("timing_s/update_actor", 1e-9), 1e-9))
   return metrics
@@ -191,8 +193,8 @@ def sample_batch(rollouts: Rollouts, policy, iterator, accumulator: GroupAccumul
   rng = jax.random.fold_in(base_key, step)
   # With the filter off every group is kept: the batch is one generation batch, nothing to stream for.
   if config.rollout.get("streaming", False) and strategy.enable:
-    sampled, decoded, dropped = _stream_groups(rollouts, policy, iterator, accumulator, strategy, prompts, rng, step,
-                                               version, timings, config, checkpointer, cancelled)
+    sampled, decoded, dropped, extra = _stream_groups(rollouts, policy, iterator, accumulator, strategy, prompts,
+                                                      rng, step, version, timings, config, checkpointer, cancelled)
   else:
     sampled = []
     while not accumulator.ready:
@@ -205,8 +207,9 @@ def sample_batch(rollouts: Rollouts, policy, iterator, accumulator: GroupAccumul
                               timings=timings, version=version))
       _check_finite_rollout(sampled[-1], step + 1, config, checkpointer)  # before the filter reads it
       accumulator.add(sampled[-1])
-    decoded, dropped = sum(int(s.lengths_B.sum()) for s in sampled), 0
+    decoded, dropped, extra = sum(int(s.lengths_B.sum()) for s in sampled), 0, {}
   batch, metrics = accumulator.take()
+  metrics.update(extra)
   lengths_B = np.concatenate([s.lengths_B for s in sampled] or [np.zeros(0)])
   metrics.update({
       "train/dropped_groups": float(dropped),
@@ -333,8 +336,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       sampler_cleanup.callback(sampler.close)
       weight_sync = off_policy.WeightSync(trainer.graphdef, abstract.params, mesh, rollout_mesh,
                                           concurrent=staleness > 0)
+      partial_rollouts = bool(r.get("partial_rollouts", False))
       if restored is not None:
         sampler.preload([off_policy.Generated.from_record(x) for x in record.get("ahead", [])])
+        rollouts.unfinished = [PartialGroup.from_record(x) for x in record.get("partial", [])]
       # On a threaded sampler's side of several processes, the trainer's host exchanges get a channel too.
       trainer_channel = distributed.channel("trainer") if staleness and jax.process_count() > 1 else \
           contextlib.nullcontext()
@@ -421,8 +426,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           with _timed(metrics, "save_checkpoint"):
             # The batches sampled ahead first: the data position and the carry are those after them.
             ahead = [x.to_record() for x in sampler.pending()]
+            partial = [pg.to_record() for pg in rollouts.unfinished] if partial_rollouts else []
             checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state(), "ahead": ahead,
-                                            "log": log}, wait=stopping)
+                                            "partial": partial, "log": log}, wait=stopping)
         metrics["timing_s/step"] = time.perf_counter() - t_step
         writer.write(step, metrics)
         if is_main and sample_lines:
@@ -438,29 +444,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _stream_groups(rollouts: Rollouts, policy, iterator, accumulator: GroupAccumulator, strategy, prompts: int,
                    rng, step: int, version: int, timings: dict, config, checkpointer, cancelled
-                   ) -> tuple[list[ScoredBatch], int, int]:
+                   ) -> tuple[list[ScoredBatch], int, int, dict[str, float]]:
   """Streaming dynamic sampling: the engine pulls prompts (generation batches of `prompts`, at most
   `max_num_gen_batches` of them; the next one as soon as the groups kept and in flight cannot fill the batch)
   as its slots free up; finished groups are scored while decoding goes on and reach the filter in prompt
   order; decoding stops once the batch is full, and the groups in flight are dropped. The data iterator is then put back to the end of the generation batch holding the group that
   filled the batch: later prompts were only looked ahead at and come again next step. So the trained batch,
   and the data a step consumes, are those of whole generation batches (`rollout.streaming=False`). Returns
-  (scored parts, tokens decoded, groups dropped)."""
+  (scored parts, tokens decoded, groups dropped, partial rollouts' metrics)."""
   states = []  # the iterator before each generation batch of prompts
   sampled, considered = [], 0  # groups the filter has seen, up to the one that filled the batch
+  partial = config.rollout.get("partial_rollouts", False)
+  carried = rollouts.unfinished if partial else []  # the groups the last step left unfinished come first
 
   def prompt_rows():
     limit = strategy.max_num_gen_batches
     while not limit or len(states) < limit:
       # The next generation batch only once the groups kept and those still decoding cannot fill the batch:
       # whole generation batches would need it too, so streaming decodes no group they would not.
-      while accumulator.kept_groups + len(states) * prompts - considered >= strategy.train_batch_size:
+      while accumulator.kept_groups + len(carried) + len(states) * prompts - considered >= strategy.train_batch_size:
         yield None
       states.append(iterator.state())
       # Each process reads its share of the prompts; the ids are exchanged to form the global batch.
       yield from distributed.gather_list(iterator.next_batch(prompts))
 
-  stream = rollouts.stream(policy, prompt_rows(), rng, first_group=step * 2**24, timings=timings, version=version)
+  stream = rollouts.stream(policy, prompt_rows(), rng, first_group=step * 2**24, timings=timings, version=version,
+                           carried=carried)
   try:
     for part in stream:
       if cancelled():
@@ -477,14 +486,21 @@ def _stream_groups(rollouts: Rollouts, policy, iterator, accumulator: GroupAccum
       considered += part.num_rows // rollouts.num_samples
   finally:
     stream.close()
-  used = -(-considered // prompts) if accumulator.ready else len(states)
+  # Partial rollouts: every prompt pulled is filtered now or continues next step (`rollouts.unfinished`).
+  # Otherwise the prompts after the generation batch that filled the batch are read again next step.
+  used = -(-considered // prompts) if accumulator.ready and not partial else len(states)
   if used < len(states):
     iterator.restore(states[used])
   if not accumulator.ready:
     accumulator.end_of_stream(used)
   accumulator.num_gen_batches = used
   stats = rollouts.engine.stats
-  return sampled, stats.decoded_tokens, stats.dropped_groups
+  if not partial:
+    return sampled, stats.decoded_tokens, stats.dropped_groups, {}
+  return sampled, stats.decoded_tokens, 0, {
+      "rollout/partial/continued_groups": float(len(carried)),
+      "rollout/partial/continued_tokens": float(sum(len(t) for pg in carried for t in pg.tokens)),
+      "rollout/partial/unfinished_groups": float(len(rollouts.unfinished))}
 
 
 def _diverged(step: int, what: str, config, checkpointer) -> NonFiniteError:

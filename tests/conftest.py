@@ -43,7 +43,7 @@ def scored_batch(acc_rows, tag: int, width: int = 3, group_size: int = 2):
       score_B=2 * acc - 1, acc_B=acc, penalty_B=np.zeros(n, np.float32), pred_B=objects(str(tag)),
       has_pred_B=np.ones(n, bool), timeout_B=np.zeros(n, bool), text_B=objects(f"response {tag}"), truth_B=objects(str(tag)),
       group_B=np.repeat(np.arange(n // group_size, dtype=np.int64) + tag * 100, group_size),
-      version_B=np.zeros(n, np.int32))
+      version_BxN=np.zeros((n, width), np.int32))
 
 
 ROOT = Path(__file__).resolve().parents[1]
