@@ -87,9 +87,22 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
   if local_device_ids is not None:
     kwargs["local_device_ids"] = list(local_device_ids)
   jax.distributed.initialize(**kwargs)
+  _orbax_barriers_on_the_coordinator()
   logging.info("jax.distributed: process %d of %d (%s), %d local / %d global devices", jax.process_index(),
                jax.process_count(), cluster or "explicit flags", jax.local_device_count(), jax.device_count())
   return True
+
+
+def _orbax_barriers_on_the_coordinator() -> None:
+  """Orbax's barriers through the coordination service instead of a device collective over every device: an
+  asynchronous save's barrier runs on its own thread, and an off-policy run's sampler runs device programs of
+  its own; collectives that two processes issue in different orders wait on each other forever."""
+  import orbax.checkpoint  # noqa: F401 -- defines the flag
+  from absl import flags
+  try:
+    flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = True
+  except KeyError:  # an orbax without the flag: its barriers are collectives
+    logging.warning("orbax has no experimental_orbax_use_distributed_barrier flag: its barriers are device collectives")
 
 
 def is_main() -> bool:

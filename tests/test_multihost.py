@@ -9,9 +9,9 @@ sampled, scored and kept is identical while that holds. Rounding apart is not en
 step here a near tie in sampling went the other way and the rollouts differed; from then on the two are
 different runs, so the comparison stops at two steps.
 
-The off-policy run splits the devices within each process (one samples, one trains, staleness 1): the sampler's
-thread and the trainer exchange host data on channels of their own and move weights device to device within
-each process; 2 x 2 trains as 1 x 4 split the same way.
+The off-policy run splits the devices within each process (one samples, one trains, staleness 1, partial
+rollouts, asynchronous checkpoints): the sampler's thread and the trainer exchange host data on channels of
+their own and move weights device to device within each process; 2 x 2 trains as 1 x 4 split the same way.
 """
 
 import json
@@ -68,8 +68,8 @@ def runs(tmp_path_factory, data_dir):
   _single(config, tmp / "one")
   logs = _multi(config, tmp / "two", tmp / "logs")
   split = tiny_config(data_dir, total_steps=STEPS, **{
-      "eval.every": STEPS, "eval.before_train": False, "checkpoint.asynchronous": False, "reward.workers": 1,
-      "rollout.max_staleness": 1, "mesh.rollout_devices": 2, "allow_different_config": True})
+      "eval.every": STEPS, "eval.before_train": False, "reward.workers": 1, "rollout.max_staleness": 1,
+      "rollout.partial_rollouts": True, "mesh.rollout_devices": 2, "allow_different_config": True})
   _single(split, tmp / "split_one")
   _multi(split, tmp / "split_two", tmp / "split_logs")
   return tmp, logs
