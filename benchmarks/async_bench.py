@@ -12,12 +12,13 @@ Two host devices (the default config's `hardware.cpu_devices`), three runs of th
 
 Workloads: `default`, the embedded default (its warm start, dynamic sampling, 32-token responses); `longtail`,
 the decode workload of `longtail_bench.py` in the loop: an untrained policy of the default's shape (no warm
-start) sampling up to 512 tokens with four stop tokens of a 512-token vocabulary (geometric lengths, mean
-~125), 8 prompts x 8 samples a step, every group kept (nothing to filter: an untrained policy is always wrong).
+start) over a 128-token vocabulary sampling up to 512 tokens, so each step stops a row with probability ~1/128
+(geometric lengths, mean ~125, a tail to the cap), 8 prompts x 8 samples a step, every group kept (nothing to
+filter: an untrained policy is always wrong).
 
-Per run: seconds per step (the mean after `--skip` steps of compilation), the phases (generation with its
-reward, the update with its old log-probs), and the time each side waited (the trainer for its batch, the
-sampler for its weights).
+Per run: seconds per step (the mean over the steps after `--skip`, less the slowest tenth: new shapes compile
+as lengths grow), the phases (generation with its reward, the update with its old log-probs), and the time
+each side waited (the trainer for its batch, the sampler for its weights).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ WORKLOADS = {
     "default": {},
     "longtail": {"sft.steps": 0, "dynamic_sampling.enable": False, "rollout.train_batch_size": 8,
                  "rollout.gen_batch_size": 8, "actor.mini_batch_size": 8, "rollout.max_response_length": 512,
-                 "data.max_prompt_length": 64, "tokenizer.vocab_size": 512,
+                 "data.max_prompt_length": 64, "tokenizer.vocab_size": 128,
                  "model.overrides.max_position_embeddings": 1024, "rollout.engine.slots": 64,
                  "actor.max_tokens_per_micro_batch": 8192, "overlong.buffer": 64},
 }
@@ -53,8 +54,6 @@ def run(workload: str, variant: str, steps: int, cache: str, workdir: Path) -> l
            **WORKLOADS[workload], **VARIANTS[variant]}
   cmd = [sys.executable, "-m", "dapo_jax.main", f"--workdir={workdir}",
          *[f"--config.{k}={v}" for k, v in flags.items()]]
-  if workload == "longtail":
-    cmd.append("--config.data.task.seed=0")
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -64,7 +63,8 @@ def run(workload: str, variant: str, steps: int, cache: str, workdir: Path) -> l
 
 
 def summary(rows: list[dict], skip: int) -> dict[str, float]:
-  rows = [r for r in rows if r["step"] > skip]
+  rows = sorted((r for r in rows if r["step"] > skip), key=lambda r: r["timing_s/step"])
+  rows = rows[:len(rows) - len(rows) // 10]
   mean = lambda key: sum(r.get(key, 0.0) for r in rows) / len(rows)  # noqa: E731
   step = mean("timing_s/step")
   wait = mean("timing_s/wait_rollout")
@@ -79,7 +79,7 @@ def summary(rows: list[dict], skip: int) -> dict[str, float]:
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--steps", type=int, default=40)
+  p.add_argument("--steps", default="40,30", help="steps per run, per workload")
   p.add_argument("--skip", type=int, default=5, help="steps left out of the means (compilation)")
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--workloads", default="default,longtail")
@@ -88,10 +88,12 @@ def main():
   cache = os.path.expanduser("~/.cache/dapo_jax")
   results: dict[str, dict[str, list]] = {}
   with tempfile.TemporaryDirectory() as tmp:
+    workloads = args.workloads.split(",")
+    steps = dict(zip(workloads, map(int, args.steps.split(","))))
     for rnd in range(args.rounds):
-      for workload in args.workloads.split(","):
+      for workload in workloads:
         for variant in VARIANTS:
-          rows = run(workload, variant, args.steps, cache, Path(tmp) / f"{workload}-{variant}-{rnd}")
+          rows = run(workload, variant, steps[workload], cache, Path(tmp) / f"{workload}-{variant}-{rnd}")
           s = summary(rows, args.skip)
           results.setdefault(workload, {}).setdefault(variant, []).append(s)
           print(f"round {rnd} {workload:8s} {variant:10s} " + " ".join(f"{k} {v:.3f}" for k, v in s.items()),
