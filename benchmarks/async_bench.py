@@ -8,7 +8,14 @@ Two host devices (the default config's `hardware.cpu_devices`), three runs of th
 * sync: staleness 0, sampling and training both on the two devices (a data mesh), one after the other;
 * split: staleness 0, one device samples and the other trains, one after the other: each phase alone on its
   own device group, the two phases' times whose longer one bounds an overlapped step;
-* off-policy: staleness 1 on the split devices, sampling step t + 1 while step t trains.
+* off-policy: staleness 1 on the split devices, sampling step t + 1 while step t trains;
+* split-1core: split, the process pinned to one core (`taskset`): each phase's time on one core.
+
+The two devices share this machine's two cores, so an overlapped step cannot reach the longer phase's time
+alone: while both phases run, each has about one core. How much that costs is how each phase scales from one
+core to two (split-1core against split). With S1, T1 the phases on one core and S2, T2 on two, the best an
+overlapped step can do, the shorter phase (say S) on one core beside the longer one and the longer alone on two
+cores after it, is S1 + T2 (1 - S1 / T1); the script prints it and the speed-up over sync it allows.
 
 Workloads: `default`, the embedded default (its warm start, dynamic sampling, 32-token responses); `longtail`,
 the decode workload of `longtail_bench.py` in the loop: an untrained policy of the default's shape (no warm
@@ -37,6 +44,7 @@ VARIANTS = {
     "sync": {},
     "split": {"mesh.rollout_devices": 1},
     "off-policy": {"mesh.rollout_devices": 1, "rollout.max_staleness": 1},
+    "split-1core": {"mesh.rollout_devices": 1},
 }
 WORKLOADS = {
     "default": {},
@@ -52,7 +60,8 @@ def run(workload: str, variant: str, steps: int, cache: str, workdir: Path) -> l
   flags = {"total_steps": steps, "eval.every": 0, "eval.before_train": False, "checkpoint.every": 0,
            "log.progress": False, "log.samples_per_step": 0, "sft.cache": True, "data.dir": cache,
            **WORKLOADS[workload], **VARIANTS[variant]}
-  cmd = [sys.executable, "-m", "dapo_jax.main", f"--workdir={workdir}",
+  pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if variant.endswith("1core") else []
+  cmd = [*pin, sys.executable, "-m", "dapo_jax.main", f"--workdir={workdir}",
          *[f"--config.{k}={v}" for k, v in flags.items()]]
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
@@ -74,7 +83,7 @@ def summary(rows: list[dict], skip: int) -> dict[str, float]:
   return {"step_s": step, "steps_per_s": 1.0 / step, "sampler_s": sampler, "trainer_s": trainer,
           "trainer_wait_s": wait, "sampler_wait_s": mean("timing_s/sampler_idle"),
           "sync_weights_s": mean("timing_s/sync_weights"), "response_length": mean("response_length/mean"),
-          "num_gen_batches": mean("train/num_gen_batches")}
+          "num_gen_batches": mean("train/num_gen_batches"), "cpu_cores": mean("perf/cpu_cores")}
 
 
 def main():
@@ -99,21 +108,25 @@ def main():
           print(f"round {rnd} {workload:8s} {variant:10s} " + " ".join(f"{k} {v:.3f}" for k, v in s.items()),
                 flush=True)
   best = {w: {v: min(runs, key=lambda s: s["step_s"]) for v, runs in vs.items()} for w, vs in results.items()}
-  for workload, variants in best.items():
-    sync, split, off = variants["sync"], variants["split"], variants["off-policy"]
-    bound = max(split["sampler_s"], split["trainer_s"])
-    print(f"\n{workload}: steps/s off-policy / sync = {off['steps_per_s'] / sync['steps_per_s']:.2f}x; "
-          f"off-policy step / the longer phase alone on its device = {off['step_s'] / bound:.2f}x "
-          f"(sampler {split['sampler_s']:.3f} s, trainer {split['trainer_s']:.3f} s); phases on one device against "
-          f"two: sampler {split['sampler_s'] / sync['sampler_s']:.2f}x, trainer {split['trainer_s'] / sync['trainer_s']:.2f}x")
-    print("| run | s / step | steps / s | sampling (gen + reward) s | update s | trainer waits s | sampler waits s |"
-          " weight sync s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, s in variants.items():
-      print(f"| {name} | {s['step_s']:.3f} | {s['steps_per_s']:.3f} | {s['sampler_s']:.3f} | {s['trainer_s']:.3f} | "
-            f"{s['trainer_wait_s']:.3f} | {s['sampler_wait_s']:.3f} | {s['sync_weights_s']:.4f} |")
   if args.json:
     Path(args.json).write_text(json.dumps({"rounds": results, "best": best}, indent=2))
+  for workload, variants in best.items():
+    sync, split, off, one = (variants[v] for v in VARIANTS)
+    (s1, t1), (s2, t2) = ((v["sampler_s"], v["trainer_s"]) for v in (one, split))
+    # The shorter phase on one core beside the longer one, then the longer alone on two cores.
+    limit = s1 + t2 * (1 - s1 / t1) if s1 <= t1 else t1 + s2 * (1 - t1 / s1)
+    print(f"\n{workload}: steps/s off-policy / sync = {off['steps_per_s'] / sync['steps_per_s']:.2f}x; "
+          f"off-policy step / the longer phase alone on its device = {off['step_s'] / max(s2, t2):.2f}x "
+          f"(sampler {s2:.3f} s, trainer {t2:.3f} s); one core against two: sampler {s1 / s2:.2f}x, trainer "
+          f"{t1 / t2:.2f}x; overlap limit on two cores {limit:.3f} s: at most {sync['step_s'] / limit:.2f}x sync, "
+          f"off-policy step / limit = {off['step_s'] / limit:.2f}x")
+    print("| run | s / step | steps / s | sampling (gen + reward) s | update s | trainer waits s | sampler waits s |"
+          " weight sync s | cores busy |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, s in variants.items():
+      print(f"| {name} | {s['step_s']:.3f} | {s['steps_per_s']:.3f} | {s['sampler_s']:.3f} | {s['trainer_s']:.3f} | "
+            f"{s['trainer_wait_s']:.3f} | {s['sampler_wait_s']:.3f} | {s['sync_weights_s']:.4f} | "
+            f"{s['cpu_cores']:.2f} |")
 
 
 if __name__ == "__main__":

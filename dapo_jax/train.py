@@ -71,6 +71,13 @@ class _Stop:
       signal.signal(sig, handler)
 
 
+def _clock(t_step: float, cpu_step: float) -> dict[str, float]:
+  """The step's seconds so far, and the cores the process kept busy in them (all its threads: the sampler's too,
+  the bound any overlap of sampling and training works against)."""
+  wall = time.perf_counter() - t_step
+  return {"timing_s/step": wall, "perf/cpu_cores": (time.process_time() - cpu_step) / wall}
+
+
 def _timed(timings: dict, name: str):
   """Adds the block's seconds to timings["timing_s/<name>"]."""
   class _T:
@@ -357,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       stopping = False
       while step < config.total_steps and not stopping:
         timings = {}
-        t_step = time.perf_counter()
+        t_step, cpu_step = time.perf_counter(), time.process_time()
 
         # The sampler gets these weights for the batches they sample (step + staleness; at the start of a run
         # also the ones before it), and this step's batch is taken as soon as it is ready.
@@ -421,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           # The step's log rows go into the checkpoint too: a run killed after the save but before it wrote
           # them gets them back when it resumes here (`_recover_step_log`).
           row = {k: float(v) for k, v in metrics.items()}
-          log = {"metrics": json.dumps({**row, "timing_s/step": time.perf_counter() - t_step}),
+          log = {"metrics": json.dumps({**row, **_clock(t_step, cpu_step)}),
                  "samples": sample_lines}
           with _timed(metrics, "save_checkpoint"):
             # The batches sampled ahead first: the data position and the carry are those after them.
@@ -429,7 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             partial = [pg.to_record() for pg in rollouts.unfinished] if partial_rollouts else []
             checkpointer.save(step, state, {"data": iterator.state(), "carry": accumulator.state(), "ahead": ahead,
                                             "partial": partial, "log": log}, wait=stopping)
-        metrics["timing_s/step"] = time.perf_counter() - t_step
+        metrics.update(_clock(t_step, cpu_step))
         writer.write(step, metrics)
         if is_main and sample_lines:
           with open(workdir / "samples.jsonl", "a") as f:

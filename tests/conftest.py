@@ -17,6 +17,15 @@ from configs import default as default_config  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# The runs the tests start in subprocesses (sweep points, several processes, the CLIs) compile the same tiny
+# programs again and again: they share one XLA compilation cache, whose file lock (on with a size limit) keeps
+# concurrent writers apart. Set after jax is imported: the tests' own process compiles new programs mostly,
+# where caching costs more than it saves.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(__import__("tempfile").gettempdir(), "dapo_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
