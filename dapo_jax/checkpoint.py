@@ -16,6 +16,7 @@ import contextlib
 import gc
 import io
 import logging
+import shutil
 import sys
 import time
 import warnings
@@ -191,16 +192,36 @@ class Checkpointer:
       self.manager.close()
 
 
-def save_tree(path: str | Path, tree: Any) -> bool:
-  """Writes a pytree of (sharded) arrays to `path` (a temporary name, then renamed: atomic). Returns False,
-  writing nothing, when `path` already exists (another run wrote it first)."""
+def save_tree(path: str | Path, tree: Any, *, writer: str = "") -> bool:
+  """Writes a pytree of (sharded) arrays to `path`, atomically (a temporary name, then renamed). Returns False,
+  writing nothing, when `path` already exists (another run wrote it first).
+
+  Runs that may write the same `path` at once (a cache) name themselves with `writer`, the same in every process
+  of a run and different between runs: each writes a folder of its own beside `path` and renames it into place,
+  where orbax's own temporary name, `path`'s alone, would mix their files."""
   path = Path(path).absolute()
+  if not writer:
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, tree)
+    except ValueError:  # orbax: "Destination ... already exists"
+      if not path.is_dir():
+        raise
+      return False
+    return True
+  if path.is_dir():
+    return False
+  own = path.with_name(f".{path.name}.{writer}")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(own, tree, force=True)  # force: what this writer left when it was killed mid-save
+  if jax.process_index() != 0:
+    return True
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(path, tree)
-  except ValueError:  # orbax: "Destination ... already exists"
+    own.rename(path)
+  except OSError:  # another writer's folder is in place: a non-empty directory is never replaced
     if not path.is_dir():
       raise
+    shutil.rmtree(own, ignore_errors=True)
     return False
   return True
 

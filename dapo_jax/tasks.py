@@ -183,6 +183,7 @@ def warm_start(config, task: Task, model, mesh, workdir: Path):
   model, loss = train_sft(model, mesh, SFTConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr,
                                                  warmup_steps=s.warmup_steps), batches(),
                           log_every=max(s.steps // 4, 1), log=log)
-  if s.cache and not checkpoint.save_tree(cached, nnx.state(model)):
+  writer = hashlib.sha256(str(Path(workdir).absolute()).encode()).hexdigest()[:12]  # the same in every process
+  if s.cache and not checkpoint.save_tree(cached, nnx.state(model), writer=writer):
     logging.info("warm start cache %s was written meanwhile by another run", cached)
   return model

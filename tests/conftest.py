@@ -1,9 +1,19 @@
 """Eight fake CPU devices for every test, set before jax is imported anywhere."""
 
 import os
+import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The tests' programs are tiny and many, so compiling them is most of the suite's time: XLA's cheaper backend
+# passes take about a third off it, and one compilation cache, shared by the test processes and the runs they
+# start (sweep points, several processes, the CLIs), compiles each program once. The cache's file lock (on with
+# a size limit) keeps concurrent writers apart.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", FAST_COMPILE]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "dapo_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -16,15 +26,6 @@ import pytest  # noqa: E402
 from configs import default as default_config  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-
-# The runs the tests start in subprocesses (sweep points, several processes, the CLIs) compile the same tiny
-# programs again and again: they share one XLA compilation cache, whose file lock (on with a size limit) keeps
-# concurrent writers apart. Set after jax is imported: the tests' own process compiles new programs mostly,
-# where caching costs more than it saves.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(__import__("tempfile").gettempdir(), "dapo_jax_tests_xla_cache"))
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 @pytest.fixture(scope="session")
@@ -100,9 +101,16 @@ def config_flags(config, workdir) -> list[str]:
   return flags
 
 
+def subprocess_env(devices: int | None = None, **extra) -> dict:
+  """The environment of a run a test starts: `devices` fake CPU devices, or none set (the run's
+  hardware.cpu_devices decides: one device by default, as a user's first try), and the suite's compilation."""
+  flags = FAST_COMPILE if devices is None else f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **extra)
+
+
 def run_main(config, workdir, **popen):
   """`python -m dapo_jax.main` on `config` in a fresh process (one CPU device, as a user's first try)."""
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env = subprocess_env()
   return subprocess.Popen([sys.executable, "-m", "dapo_jax.main", *config_flags(config, workdir)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 

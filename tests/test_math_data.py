@@ -119,6 +119,30 @@ def test_dapo_files_side_by_side_as_verl_downloads_them(tmp_path):
     md.read_source("dapo_math17k", "train", tmp_path)
 
 
+def test_runs_preparing_one_data_set_at_once_read_the_first_copy(tmp_path, monkeypatch):
+  """Two runs sharing a data dir prepare the same data set: the other run's copy lands while this one is still
+  writing its own; this one then reads the other's, and no half-written folder is left."""
+  from dapo_jax.data import tfds_builders as tb
+  from dapo_jax.data.synthetic import ArithmeticTask
+  task = ArithmeticTask(digits=2, num_train=8, num_test=4, seed=0)
+  split_generators = tb.DapoArithmetic._split_generators
+  raced = []
+
+  def racing(self, dl_manager):
+    if not raced:
+      raced.append(None)
+      raced[0] = tb.arithmetic_builder(task, str(tmp_path))  # the other run, start to finish
+    return split_generators(self, dl_manager)
+
+  monkeypatch.setattr(tb.DapoArithmetic, "_split_generators", racing)
+  builder = tb.arithmetic_builder(task, str(tmp_path))
+  assert len(raced) == 1
+  got, want = builder.as_data_source()["train"], raced[0].as_data_source()["train"]
+  assert [r["id"] for r in got] == [r["id"] for r in want] and len(got) == 8
+  version_dir = Path(builder.data_dir).parent
+  assert sorted(p.name for p in version_dir.iterdir()) == ["1.0.0"]
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
   path = tmp_path / "test.jsonl"
   path.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2", "answer": "4"}\n{"problem": "3+3"\n')

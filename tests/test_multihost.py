@@ -24,25 +24,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, config_flags as _flags, final_params as _final_params, tiny_config
+from tests.conftest import ROOT, config_flags as _flags, final_params as _final_params, subprocess_env, tiny_config
 
 STEPS = 2
 
 
-def _env(devices):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-              PYTHONPATH=str(ROOT))
-
-
 def _single(config, workdir):
-  out = subprocess.run([sys.executable, "-m", "dapo_jax.main", *_flags(config, workdir)], cwd=ROOT, env=_env(4),
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run([sys.executable, "-m", "dapo_jax.main", *_flags(config, workdir)], cwd=ROOT,
+                       env=subprocess_env(4), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
   return out.stdout
 
 
 def _multi(config, workdir, logs):
-  env = dict(_env(2), NUM_PROCESSES="2", DEVICES_PER_PROC="2", PYTHON=sys.executable, LOG_DIR=str(logs))
+  env = subprocess_env(2, NUM_PROCESSES="2", DEVICES_PER_PROC="2", PYTHON=sys.executable, LOG_DIR=str(logs))
   # --verbosity=1: each process's start-up line (INFO, hidden by default) says how it joined.
   out = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), *_flags(config, workdir),
                         "--verbosity=1"],
@@ -124,10 +119,10 @@ def test_two_processes_evaluate_like_one(runs):
   tmp, _ = runs
   flags = [f"--checkpoint={tmp / 'one'}", "--dataset=task", "--k=4", "--limit=6", "--max_new_tokens=24"]
   out = subprocess.run([sys.executable, "-m", "dapo_jax.evaluate", *flags, f"--out={tmp / 'eval_one.json'}"],
-                       cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=subprocess_env(4), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-  env = dict(_env(2), MODULE="dapo_jax.evaluate", NUM_PROCESSES="2", DEVICES_PER_PROC="2", PYTHON=sys.executable,
-             LOG_DIR=str(tmp / "eval_logs"))
+  env = subprocess_env(2, MODULE="dapo_jax.evaluate", NUM_PROCESSES="2", DEVICES_PER_PROC="2",
+                       PYTHON=sys.executable, LOG_DIR=str(tmp / "eval_logs"))
   out = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), *flags,
                         f"--out={tmp / 'eval_two.json'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   logs = [(tmp / "eval_logs" / f"proc_{i}.log").read_text() for i in range(2)]
@@ -217,7 +212,7 @@ def test_a_failure_while_one_process_builds_the_task_stops_every_process(tmp_pat
   port = subprocess.run([sys.executable, "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); "
                          "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
   procs = [subprocess.Popen([sys.executable, "-c", _MAIN_FIRST, f"127.0.0.1:{port}", str(i), str(tmp_path / "c")],
-                            env=_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=subprocess_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=120) for p in procs]
   got = [[line[len("OUTCOME "):] for line in out.splitlines() if line.startswith("OUTCOME")] for out, _ in outs]

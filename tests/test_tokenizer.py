@@ -166,3 +166,27 @@ def test_chat_template_file_wins_over_the_config_field(hf_dir, tmp_path):
   theirs = transformers.AutoTokenizer.from_pretrained(str(path)).apply_chat_template(
       MESSAGES, tokenize=False, add_generation_prompt=True)
   assert ours == theirs == "FILE What is 12 plus 30?"
+
+
+def test_the_tasks_tokenizer_cache_is_written_whole_by_one_of_the_runs_building_it(tmp_path, monkeypatch):
+  """A copy cut short by a killed run is built again; a run whose copy lands second keeps the first's; no run's
+  own folder is left behind."""
+  from dapo_jax.data import synthetic
+  task = synthetic.ArithmeticTask(digits=2, num_train=40, num_test=4, seed=0)
+  directory = tmp_path / "tok"
+  directory.mkdir()
+  (directory / "tokenizer.model").write_bytes(b"cut short")
+  assert synthetic.build_tokenizer(task, directory) == directory
+  want = load_tokenizer(directory).encode("12+30=")
+  first = (directory / "tokenizer.model").read_bytes()
+  (directory / "tokenizer.model").unlink()  # as if another run still builds it; then it lands first:
+  import sentencepiece
+  train = sentencepiece.SentencePieceTrainer.Train
+
+  def racing(*args, **kwargs):
+    train(*args, **kwargs)
+    (directory / "tokenizer.model").write_bytes(first)
+  monkeypatch.setattr(sentencepiece.SentencePieceTrainer, "Train", racing)
+  synthetic.build_tokenizer(task, directory)
+  assert (directory / "tokenizer.model").read_bytes() == first and load_tokenizer(directory).encode("12+30=") == want
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]

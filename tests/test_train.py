@@ -6,21 +6,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default as default_config
 from dapo_jax import checkpoint as ckpt_lib
 from dapo_jax import config_lib, sharding
 from dapo_jax.metrics import read_metrics
 from dapo_jax.train import train_and_evaluate
 from dapo_jax.train_step import NonFiniteError
 
-from tests.conftest import ROOT, final_params as _final_params, run_main as _run, tiny_config
+from tests.conftest import ROOT, final_params as _final_params, run_main as _run, subprocess_env, tiny_config
 
 
 def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir, monkeypatch):
@@ -57,7 +55,7 @@ def test_training_writes_metrics_plots_and_checkpoints(tmp_path, data_dir, monke
   for key in ("critic/score/mean", "actor/pg_loss", "val/acc/mean", "val/acc/best@2/mean"):
     assert key.encode() in logged, key
   # The evaluation CLI on the workdir, with no --config, evaluates it with the config it ran with (2 layers).
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env = subprocess_env()
   out = subprocess.run([sys.executable, "-m", "dapo_jax.evaluate", f"--checkpoint={tmp_path}", "--dataset=task",
                         "--k=2", "--limit=4", "--max_new_tokens=8"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
@@ -236,7 +234,7 @@ _NOISE = ("Event loop is closed", "Exception ignored", "exception was never retr
 
 
 def _checkpoint_failure(kind: str, directory):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env = subprocess_env()
   # Through a pipe: the "full" case caps file sizes, a log file included.
   out = subprocess.run([sys.executable, "-m", "tests.checkpoint_failures", kind, str(directory)], cwd=ROOT, env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
@@ -265,6 +263,34 @@ def test_a_save_orbax_refuses_is_an_error(tmp_path):
   with pytest.raises(RuntimeError, match="checkpoint step 3 was not written"):
     ck.save(3, {"w": jnp.ones(2)}, {"data": {}, "carry": []})
   ck.close()
+
+
+def test_runs_writing_one_cache_at_once_keep_one_whole_copy(tmp_path, monkeypatch):
+  """The warm start's cache: runs that compute the same result at once (a sweep's points, two runs of one
+  data.dir) each write a folder of their own and rename it into place; the first stays, the others' go."""
+  import shutil
+  import orbax.checkpoint as ocp
+  path = tmp_path / "cache" / "key"
+  path.parent.mkdir()
+  (tmp_path / "cache" / ".key.a").mkdir()  # what writer a left when it was killed mid-save
+  (tmp_path / "cache" / ".key.a" / "junk").write_text("x")
+  first, second = {"w": jnp.arange(3.0)}, {"w": jnp.ones(3)}
+
+  class Racing(ocp.StandardCheckpointer):  # while b renames, a's copy lands first
+    def save(self, directory, state, **kw):
+      super().save(directory, state, **kw)
+      shutil.copytree(tmp_path / "a_result", path)
+
+  assert ckpt_lib.save_tree(path, first, writer="a")
+  assert ckpt_lib.save_tree(path, second, writer="b") is False  # already there: nothing written
+  np.testing.assert_array_equal(ckpt_lib.restore_tree(path, first)["w"], first["w"])
+  assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["key"]
+  path.rename(tmp_path / "a_result")
+  monkeypatch.setattr(ckpt_lib.ocp, "StandardCheckpointer", Racing)
+  assert ckpt_lib.save_tree(path, second, writer="b") is False
+  monkeypatch.undo()
+  np.testing.assert_array_equal(ckpt_lib.restore_tree(path, first)["w"], first["w"])
+  assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["key"]
 
 
 def test_carry_over_round_trips_exactly():

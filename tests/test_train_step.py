@@ -146,7 +146,9 @@ def test_a_short_batch_padded_trains_as_its_own_mini_batches_without_a_new_progr
     want, mw = t.update(want, t.shard_batch(part))  # lr is constant (no warmup), so the step number is moot
     metrics.append(mw)
   for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # The two sum the rows' gradients in different orders, and Adam's m / sqrt(v) turns that float32 rounding
+    # into up to a part in a thousand of a step where an element's gradient is near zero: 2e-6 of 2 steps x lr.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)
   for k in ("actor/pg_loss", "actor/grad_norm", "actor/pg_clipfrac"):
     np.testing.assert_allclose(float(m[k]), np.mean([float(x[k]) for x in metrics]), rtol=1e-5, err_msg=k)
   assert any(not np.array_equal(np.asarray(a), np.asarray(b))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dapo_jax import sweeps
-from tests.conftest import ROOT
+from tests.conftest import FAST_COMPILE, ROOT, subprocess_env
 
 ABLATION = str(ROOT / "configs" / "ablation.py")
 
@@ -19,7 +19,7 @@ ABLATION = str(ROOT / "configs" / "ablation.py")
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory, data_dir):
   out_dir = tmp_path_factory.mktemp("sweep")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env = subprocess_env()
   out = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), f"--config={ABLATION}:smoke",
                         f"--workdir={out_dir}", "--config.total_steps=1", f"--config.data.dir={data_dir}",
                         "--config.sft.steps=60", "--config.sft.warmup_steps=10"],  # seconds, for the test
@@ -101,7 +101,7 @@ def test_notebook_executes(name, sweep_dir, monkeypatch):
   monkeypatch.setenv("DAPO_RUN_DIR", str(out_dir / "dynamic_sampling_dapo.seed0"))
   monkeypatch.setenv("DAPO_SWEEP_DIR", str(out_dir))
   monkeypatch.setenv("DAPO_REPO", str(ROOT))
-  monkeypatch.setenv("XLA_FLAGS", "")  # the kernel: one CPU device, as a user's first try
+  monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # the kernel: one CPU device, as a user's first try
   monkeypatch.setenv("PYTHONPATH", str(ROOT))
   nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -130,7 +130,7 @@ def _sweep_config(tmp_path, points):
 def test_a_failed_point_stops_the_sweep_and_is_reported_as_such(tmp_path, data_dir):
   # The first point's config is refused at start-up; without --keep_going the other two never run.
   spec = _sweep_config(tmp_path, [{"name": "bad", "overlong.buffer": 999}, {"name": "a"}, {"name": "b"}])
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env = subprocess_env()
   out = subprocess.run([sys.executable, str(ROOT / "launch" / "sweep.py"), f"--config={spec}",
                         f"--workdir={tmp_path / 'sw'}", f"--config.data.dir={data_dir}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -148,7 +148,7 @@ def test_ctrl_c_on_a_sweep_lets_the_current_run_checkpoint(tmp_path, data_dir):
   import signal
   import time
   spec = _sweep_config(tmp_path, [{"name": "a"}])
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env = subprocess_env()
   run = tmp_path / "sw" / "a"
   proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "sweep.py"), f"--config={spec}",
                            f"--workdir={tmp_path / 'sw'}", f"--config.data.dir={data_dir}", "--config.total_steps=200",

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -96,25 +99,38 @@ def build_tokenizer(task: ArithmeticTask, directory: str | Path, vocab_size: int
   """Trains the task's SentencePiece tokenizer once and caches it (tokenizer.model + tokenizer_config.json).
 
   Digits, operators and the chat markers are single pieces; pieces may cross spaces, so the fixed DAPO
-  template compresses to a few tokens. Returns the directory.
+  template compresses to a few tokens. Returns the directory. Runs sharing the cache that build it at once each
+  write a folder of their own and rename it into place: the first stays, and none reads a half-written file.
   """
   import sentencepiece
   directory = Path(directory)
-  marker = directory / "task.json"
   key = json.dumps({**dataclasses.asdict(task), "vocab_size": vocab_size}, sort_keys=True)
-  if (directory / "tokenizer.model").is_file() and marker.is_file() and marker.read_text() == key:
+
+  def built(d: Path) -> bool:
+    return (d / "tokenizer.model").is_file() and (d / "task.json").is_file() and (d / "task.json").read_text() == key
+
+  if built(directory):
     return directory
-  directory.mkdir(parents=True, exist_ok=True)
+  own = directory.with_name(f".{directory.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+  own.mkdir(parents=True)
   symbols = list(SPECIAL_TOKENS) + [str(d) for d in range(10)] + ["+", "=", "\n"]
   sentencepiece.SentencePieceTrainer.Train(
-      sentence_iterator=iter(tokenizer_corpus(task)), model_prefix=str(directory / "tokenizer"),
+      sentence_iterator=iter(tokenizer_corpus(task)), model_prefix=str(own / "tokenizer"),
       vocab_size=vocab_size, model_type="bpe", user_defined_symbols=symbols, split_by_whitespace=False,
       split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
       allow_whitespace_only_pieces=True, max_sentencepiece_length=64, add_dummy_prefix=False, byte_fallback=False, pad_id=0, unk_id=1,
       bos_id=2, eos_id=3, character_coverage=1.0, num_threads=1, minloglevel=2)
-  (directory / "tokenizer_config.json").write_text(json.dumps(
+  (own / "tokenizer_config.json").write_text(json.dumps(
       {"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<pad>", "bos_token": "<s>"}))
-  marker.write_text(key)
+  (own / "task.json").write_text(key)
+  if directory.is_dir() and not built(directory):
+    shutil.rmtree(directory, ignore_errors=True)  # a copy cut short by a killed run
+  try:
+    own.rename(directory)
+  except OSError:  # another run's copy landed first
+    if not built(directory):
+      raise
+    shutil.rmtree(own, ignore_errors=True)
   return directory
 
 

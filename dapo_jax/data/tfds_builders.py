@@ -44,23 +44,31 @@ class DapoArithmetic(tfds.core.GeneratorBasedBuilder):
 
 def prepare(make_builder):
   """`make_builder()`, prepared; what TFDS says meanwhile ("Downloading and preparing dataset ...", its
-  custom-config warning) only with --verbosity=1 or more."""
+  custom-config warning) only with --verbosity=1 or more. Runs that share a data dir may prepare the same
+  data set at once: TFDS writes each into a folder of its own, the first renamed into place wins, and the others
+  read the winner's."""
   import contextlib
   import io
   from absl import logging
-  if logging.get_verbosity() >= 1:
+
+  def prepared():
     builder = make_builder()
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except FileExistsError:  # another run's copy landed first (TFDS removed this one's)
+      builder = make_builder()
+      builder.download_and_prepare()
     return builder
+
+  if logging.get_verbosity() >= 1:
+    return prepared()
   level = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)
   try:
     with contextlib.redirect_stdout(io.StringIO()):
-      builder = make_builder()
-      builder.download_and_prepare()
+      return prepared()
   finally:
     logging.set_verbosity(level)
-  return builder
 
 
 def arithmetic_builder(task: ArithmeticTask, data_dir: str) -> DapoArithmetic:
