@@ -30,20 +30,25 @@ class MemoryEstimate:
   kv_cache: float
   device_gib: float
   reference: float = 0.0  # the KL term's frozen reference policy
+  sampler_params: float = 0.0  # the off-policy sampler's copies of the weights
+  overlap: bool = False  # sampling and training at once on these devices
 
   @property
   def peak(self) -> float:
-    return self.params + self.reference + self.optimizer + self.gradients + max(self.activations, self.kv_cache)
+    work = self.activations + self.kv_cache if self.overlap else max(self.activations, self.kv_cache)
+    return self.params + self.reference + self.optimizer + self.gradients + self.sampler_params + work
 
   @property
   def fits(self) -> bool:
     return self.peak <= 0.9 * self.device_gib * GIB
 
   def table(self) -> str:
-    rows = [("parameters", self.params)] + ([("reference policy (KL term)", self.reference)] if self.reference else [])
-    rows += [("optimizer (AdamW moments)", self.optimizer),
-            ("gradients (float32)", self.gradients), ("activations (one micro-batch)", self.activations),
-            ("KV pages (rollout engine)", self.kv_cache), ("peak", self.peak)]
+    rows = [("parameters", self.params), ("reference policy (KL term)", self.reference),
+            ("optimizer (AdamW moments)", self.optimizer), ("gradients (float32)", self.gradients),
+            ("sampler's weights (off-policy)", self.sampler_params),
+            ("activations (one micro-batch)", self.activations), ("KV pages (rollout engine)", self.kv_cache)]
+    rows = [(name, value) for name, value in rows if value] + [
+        ("peak" + (" (sampling beside training)" if self.overlap else ""), self.peak)]
     out = [f"{name:34s} {value / GIB:9.2f} GiB" for name, value in rows]
     out.append(f"{'device memory':34s} {self.device_gib:9.2f} GiB ({'fits' if self.fits else 'DOES NOT FIT'})")
     return "\n".join(out)
@@ -118,8 +123,26 @@ def device_gib_for(config, device=None) -> float:
   return configured if reported is None else min(configured, reported)
 
 
+def estimates_for_config(config, model_cfg: ModelConfig, mesh_shape: dict, rollout_mesh_shape: dict | None = None,
+                         device_gib: float | None = None) -> dict[str, MemoryEstimate]:
+  """Each device group's estimate: {"training devices": ..., "sampling devices": ...} when `rollout_mesh_shape`
+  (`mesh.rollout_devices` > 0) gives the sampler devices of its own, else {"all devices": ...}."""
+  k = int(config.rollout.get("max_staleness", 0))
+  if rollout_mesh_shape is None:
+    est = estimate_for_config(config, model_cfg, mesh_shape, device_gib)
+    if k:
+      est = dataclasses.replace(est, sampler_params=(k + 1) * est.params, overlap=True)
+    return {"all devices": est}
+  train = estimate_for_config(config, model_cfg, mesh_shape, device_gib)
+  sample = estimate_for_config(config, model_cfg, rollout_mesh_shape, device_gib)
+  return {"training devices": dataclasses.replace(train, kv_cache=0.0),
+          "sampling devices": dataclasses.replace(sample, params=0.0, reference=0.0, optimizer=0.0, gradients=0.0,
+                                                  activations=0.0, sampler_params=(k + 1) * sample.params)}
+
+
 def estimate_for_config(config, model_cfg: ModelConfig, mesh_shape: dict,
                         device_gib: float | None = None) -> MemoryEstimate:
+  """A synchronous run on one mesh of `mesh_shape`."""
   r = config.rollout
   engine = config_lib.engine_config(config)
   # Prompt pages split with the slots only where no parameter is split over the data axes

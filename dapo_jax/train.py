@@ -249,17 +249,20 @@ def _check_workdir_config(workdir: Path, config) -> None:
     (workdir / "run_config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _check_memory(config, mesh):
+def _check_memory(config, mesh, rollout_mesh):
   device_gib = memory.device_gib_for(config)
-  estimate = memory.estimate_for_config(config, tasks.model_config(config), dict(mesh.shape), device_gib)
+  groups = memory.estimates_for_config(config, tasks.model_config(config), dict(mesh.shape),
+                                       None if rollout_mesh is mesh else dict(rollout_mesh.shape), device_gib)
   if distributed.is_main():
-    print(f"memory per device (estimate):\n{estimate.table()}")
-  if not estimate.fits:
-    raise config_lib.ConfigValidationError(
-        f"config does not fit: the estimated peak of {estimate.peak / memory.GIB:.1f} GiB per device exceeds 90% "
-        f"of {device_gib:.1f} GiB (hardware.device_memory_gib={config.hardware.device_memory_gib}, or less if the "
-        f"device reports less); use more devices (mesh), smaller micro-batches (actor.micro_batch_size) or "
-        f"generation batches")
+    for name, estimate in groups.items():
+      print(f"memory per device ({name}, estimate):\n{estimate.table()}")
+  for name, estimate in groups.items():
+    if not estimate.fits:
+      raise config_lib.ConfigValidationError(
+          f"config does not fit: the estimated peak of {estimate.peak / memory.GIB:.1f} GiB per device ({name}) "
+          f"exceeds 90% of {device_gib:.1f} GiB (hardware.device_memory_gib={config.hardware.device_memory_gib}, or "
+          f"less if the device reports less); use more devices (mesh, mesh.rollout_devices), smaller micro-batches "
+          f"(actor.micro_batch_size), generation batches or fewer decode slots (rollout.engine.slots)")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -272,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = Path(workdir).absolute()
   mesh, rollout_mesh = config_lib.meshes(config)  # training, sampling (the same mesh unless split)
   config_lib.validate(config, mesh, rollout_mesh)  # before anything is built, compiled or written
-  _check_memory(config, mesh)
+  _check_memory(config, mesh, rollout_mesh)
   workdir.mkdir(parents=True, exist_ok=True)
   _check_workdir_config(workdir, config)
   is_main = distributed.is_main()

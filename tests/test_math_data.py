@@ -405,6 +405,45 @@ def test_paper_configs_and_memory_estimate():
   assert small.fits
 
 
+def test_off_policy_memory_counts_the_samplers_weights_where_they_live():
+  """Off-policy, the sampler holds the weights it samples with and the next version beside the update: on
+  shared devices all at once with the update; on devices of its own, with the engine, apart from the update."""
+  from configs import dapo_qwen2_5_math_7b
+  from dapo_jax import memory, tasks
+  c = dapo_qwen2_5_math_7b.get_config()
+  cfg = tasks.model_config(c)
+  sync = memory.estimate_for_config(c, cfg, {"fsdp": 8})
+  assert memory.estimates_for_config(c, cfg, {"fsdp": 8}) == {"all devices": sync}
+  c.rollout.max_staleness = 1
+  (shared,) = memory.estimates_for_config(c, cfg, {"fsdp": 8}).values()
+  state = sync.params + sync.optimizer + sync.gradients
+  np.testing.assert_allclose(shared.peak, state + 2 * sync.params + sync.activations + sync.kv_cache)
+  half = memory.estimate_for_config(c, cfg, {"fsdp": 4})
+  groups = memory.estimates_for_config(c, cfg, {"fsdp": 4}, {"fsdp": 4})
+  np.testing.assert_allclose(groups["training devices"].peak,
+                             half.params + half.optimizer + half.gradients + half.activations)
+  np.testing.assert_allclose(groups["sampling devices"].peak, 2 * half.params + half.kv_cache)
+  assert "KV pages" not in groups["training devices"].table()
+  assert "sampler's weights (off-policy)" in groups["sampling devices"].table()
+
+
+def test_a_split_run_is_refused_naming_the_device_group_that_cannot_fit(tmp_path):
+  from configs import dapo_qwen2_5_math_7b
+  from dapo_jax import config_lib, memory, tasks
+  from dapo_jax.train import train_and_evaluate
+  c = dapo_qwen2_5_math_7b.get_config()
+  c.mesh.update({"data": 1, "fsdp": -1, "tensor": 1, "rollout_devices": 4})
+  c.mesh.rollout.update({"data": 1, "fsdp": -1, "tensor": 1})
+  c.rollout.max_staleness = 1
+  four = {"data": 1, "fsdp": 4, "tensor": 1}
+  groups = memory.estimates_for_config(c, tasks.model_config(c), four, four)
+  small, big = sorted(groups, key=lambda name: groups[name].peak)
+  c.hardware.device_memory_gib = (groups[small].peak + groups[big].peak) / 2 / 0.9 / memory.GIB
+  with pytest.raises(config_lib.ConfigValidationError, match=rf"estimated peak of \S+ GiB per device \({big}\)"):
+    train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
 # verl's recipe/dapo/test_dapo_7b.sh at the DAPO snapshot, field by field: its variable or flag -> our field.
 TEST_DAPO_7B = {
     "model.preset": "qwen2.5-math-7b",  # MODEL_PATH=.../Qwen2.5-Math-7B
