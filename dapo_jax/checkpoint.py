@@ -209,8 +209,7 @@ def save_tree(path: str | Path, tree: Any, *, writer: str = "") -> bool:
         raise
       return False
     return True
-  if path.is_dir():
-    return False
+  # No early return when `path` exists: every process of the run must join orbax's save, whatever it sees.
   own = path.with_name(f".{path.name}.{writer}")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(own, tree, force=True)  # force: what this writer left when it was killed mid-save
