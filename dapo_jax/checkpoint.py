@@ -16,7 +16,6 @@ import contextlib
 import gc
 import io
 import logging
-import shutil
 import sys
 import time
 import warnings
@@ -26,6 +25,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from dapo_jax import paths
 
 
 def _encode(x):
@@ -194,7 +195,7 @@ class Checkpointer:
 
 def save_tree(path: str | Path, tree: Any, *, writer: str = "") -> bool:
   """Writes a pytree of (sharded) arrays to `path`, atomically (a temporary name, then renamed). Returns False,
-  writing nothing, when `path` already exists (another run wrote it first).
+  leaving `path` as it was, when `path` already exists (another run wrote it first).
 
   Runs that may write the same `path` at once (a cache) name themselves with `writer`, the same in every process
   of a run and different between runs: each writes a folder of its own beside `path` and renames it into place,
@@ -213,16 +214,7 @@ def save_tree(path: str | Path, tree: Any, *, writer: str = "") -> bool:
   own = path.with_name(f".{path.name}.{writer}")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(own, tree, force=True)  # force: what this writer left when it was killed mid-save
-  if jax.process_index() != 0:
-    return True
-  try:
-    own.rename(path)
-  except OSError:  # another writer's folder is in place: a non-empty directory is never replaced
-    if not path.is_dir():
-      raise
-    shutil.rmtree(own, ignore_errors=True)
-    return False
-  return True
+  return jax.process_index() != 0 or paths.rename_into_place(own, path)
 
 
 def restore_tree(path: str | Path, like: Any) -> Any:

@@ -282,7 +282,7 @@ def test_runs_writing_one_cache_at_once_keep_one_whole_copy(tmp_path, monkeypatc
       shutil.copytree(tmp_path / "a_result", path)
 
   assert ckpt_lib.save_tree(path, first, writer="a")
-  assert ckpt_lib.save_tree(path, second, writer="b") is False  # already there: nothing written
+  assert ckpt_lib.save_tree(path, second, writer="b") is False  # already there: b's copy is dropped
   np.testing.assert_array_equal(ckpt_lib.restore_tree(path, first)["w"], first["w"])
   assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["key"]
   path.rename(tmp_path / "a_result")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dapo_jax import paths
 from dapo_jax.data.prompts import dapo_prompt
 
 CHAT_TEMPLATE = (
@@ -125,12 +126,7 @@ def build_tokenizer(task: ArithmeticTask, directory: str | Path, vocab_size: int
   (own / "task.json").write_text(key)
   if directory.is_dir() and not built(directory):
     shutil.rmtree(directory, ignore_errors=True)  # a copy cut short by a killed run
-  try:
-    own.rename(directory)
-  except OSError:  # another run's copy landed first
-    if not built(directory):
-      raise
-    shutil.rmtree(own, ignore_errors=True)
+  paths.rename_into_place(own, directory)
   return directory
 
 
